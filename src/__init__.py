@@ -1,0 +1,1 @@
+"""ArcFace face recognition on MindSpore."""

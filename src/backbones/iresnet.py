@@ -1,0 +1,178 @@
+"""Improved ResNet (IResNet) backbones for 112x112 face crops.
+
+The topology follows the insightface ``arcface_torch`` IResNet family so parameter counts and
+layer order line up with the published models:
+
+* stem: conv3x3(3->64, stride 1) -> BN -> PReLU
+* four stages of ``IBasicBlock`` with widths 64/128/256/512; the first block of every stage has
+  stride 2, so a 112x112 input ends as a 512x7x7 feature map
+* head: BN2d -> flatten -> dropout -> Dense(25088->num_features) -> BatchNorm1d whose scale is
+  fixed at 1 (not trainable)
+
+The output is the raw (unnormalised) embedding in float32.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import mindspore as ms
+from mindspore import nn
+from mindspore.common.initializer import HeNormal, Normal, Zero
+
+BN_EPS = 1e-5
+# MindSpore's momentum weights the running statistic (PyTorch momentum 0.1 <=> 0.9 here).
+BN_MOMENTUM = 0.9
+PRELU_INIT = 0.25
+
+# Number of IBasicBlocks in each of the four stages.
+IRESNET_LAYERS = {
+    "r18": (2, 2, 2, 2),
+    "r34": (3, 4, 6, 3),
+    "r50": (3, 4, 14, 3),
+    "r100": (3, 13, 30, 3),
+    "r200": (6, 26, 60, 6),
+}
+
+WIDTH = 64  # channels of the stem and first stage; the stages use 1x, 2x, 4x, 8x
+_FEATURE_MAP_SIZE = 7  # 112 / 2**4
+
+
+def conv_init() -> HeNormal:
+    """Kaiming-normal initialiser (fan_out, ReLU gain) used for every convolution."""
+    return HeNormal(mode="fan_out", nonlinearity="relu")
+
+
+def conv2d(in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
+           padding: int = 0, group: int = 1) -> nn.Conv2d:
+    """Bias-free convolution with explicit symmetric zero padding (matches PyTorch striding)."""
+    if padding:
+        pad_kwargs = {"pad_mode": "pad", "padding": padding}
+    else:
+        pad_kwargs = {"pad_mode": "valid"}
+    return nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, group=group,
+                     has_bias=False, weight_init=conv_init(), **pad_kwargs)
+
+
+def batch_norm_2d(num_features: int) -> nn.BatchNorm2d:
+    return nn.BatchNorm2d(num_features, eps=BN_EPS, momentum=BN_MOMENTUM,
+                          gamma_init="ones", beta_init="zeros")
+
+
+def batch_norm_1d(num_features: int) -> nn.BatchNorm1d:
+    return nn.BatchNorm1d(num_features, eps=BN_EPS, momentum=BN_MOMENTUM,
+                          gamma_init="ones", beta_init="zeros")
+
+
+def prelu(channels: int) -> nn.PReLU:
+    return nn.PReLU(channel=channels, w=PRELU_INIT)
+
+
+def apply_fp16(body: nn.Cell) -> None:
+    """Run ``body`` in float16 while every BatchNorm inside it keeps computing in float32.
+
+    Only cast flags are set: parameters stay float32, so checkpoints are identical with or
+    without mixed precision.
+    """
+    body.to_float(ms.float16)
+    for _, cell in body.cells_and_names():
+        if isinstance(cell, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            cell.to_float(ms.float32)
+
+
+class IBasicBlock(nn.Cell):
+    """Pre-activation style residual block: BN-conv-BN-PReLU-conv-BN plus shortcut, no final act."""
+
+    def __init__(self, in_channels: int, channels: int, stride: int = 1) -> None:
+        super().__init__()
+        self.bn1 = batch_norm_2d(in_channels)
+        self.conv1 = conv2d(in_channels, channels, 3, stride=1, padding=1)
+        self.bn2 = batch_norm_2d(channels)
+        self.prelu = prelu(channels)
+        self.conv2 = conv2d(channels, channels, 3, stride=stride, padding=1)
+        self.bn3 = batch_norm_2d(channels)
+        self.has_downsample = stride != 1 or in_channels != channels
+        if self.has_downsample:
+            self.downsample = nn.SequentialCell(
+                conv2d(in_channels, channels, 1, stride=stride),
+                batch_norm_2d(channels),
+            )
+        else:
+            self.downsample = nn.Identity()
+
+    def construct(self, x):
+        out = self.bn1(x)
+        out = self.conv1(out)
+        out = self.bn2(out)
+        out = self.prelu(out)
+        out = self.conv2(out)
+        out = self.bn3(out)
+        return out + self.downsample(x)
+
+
+class IResNet(nn.Cell):
+    """IResNet embedding network for 3x112x112 inputs (NCHW, float32)."""
+
+    def __init__(self, layers: Sequence[int], num_features: int = 512, dropout: float = 0.0,
+                 fp16: bool = False, width: int = WIDTH) -> None:
+        super().__init__()
+        if len(layers) != 4:
+            raise ValueError(f"IResNet needs 4 stage depths, got {tuple(layers)}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.fp16_body = bool(fp16)
+        self.num_features = num_features
+
+        self.conv1 = conv2d(3, width, 3, stride=1, padding=1)
+        self.bn1 = batch_norm_2d(width)
+        self.prelu = prelu(width)
+        in_channels = width
+        stages = []
+        for multiple, depth in zip((1, 2, 4, 8), layers):
+            stages.append(self._make_stage(in_channels, width * multiple, depth))
+            in_channels = width * multiple
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+
+        self.bn2 = batch_norm_2d(in_channels)
+        self.flatten = nn.Flatten()
+        self.dropout = nn.Dropout(p=dropout) if dropout > 0 else nn.Identity()
+        self.fc = nn.Dense(in_channels * _FEATURE_MAP_SIZE * _FEATURE_MAP_SIZE, num_features,
+                           weight_init=Normal(sigma=0.01), bias_init=Zero(), has_bias=True)
+        self.features = batch_norm_1d(num_features)
+        # The embedding BN only centres/shifts: its scale stays at 1.
+        self.features.gamma.requires_grad = False
+
+        if fp16:
+            for cell in (self.conv1, self.bn1, self.prelu,
+                         self.layer1, self.layer2, self.layer3, self.layer4):
+                apply_fp16(cell)
+
+    @staticmethod
+    def _make_stage(in_channels: int, channels: int, depth: int) -> nn.SequentialCell:
+        blocks = [IBasicBlock(in_channels, channels, stride=2)]
+        blocks += [IBasicBlock(channels, channels, stride=1) for _ in range(1, depth)]
+        return nn.SequentialCell(blocks)
+
+    def construct(self, x):
+        x = self.conv1(x)
+        x = self.bn1(x)
+        x = self.prelu(x)
+        x = self.layer1(x)
+        x = self.layer2(x)
+        x = self.layer3(x)
+        x = self.layer4(x)
+        if self.fp16_body:
+            x = x.astype(ms.float32)
+        x = self.bn2(x)
+        x = self.flatten(x)
+        x = self.dropout(x)
+        x = self.fc(x)
+        return self.features(x)
+
+
+def iresnet(name: str, num_features: int = 512, dropout: float = 0.0,
+            fp16: bool = False, width: int = WIDTH) -> IResNet:
+    """Build the IResNet variant ``name`` (one of ``IRESNET_LAYERS``). ``width`` 64 is the
+    published network; narrower ones train much faster for experiments and the demo."""
+    return IResNet(IRESNET_LAYERS[name], num_features=num_features, dropout=dropout, fp16=fp16,
+                   width=width)

@@ -1,0 +1,16 @@
+"""What every entry script shares: turning user errors into one line on stderr and exit code 2."""
+import sys
+
+from src.errors import ArcFaceError
+
+
+def run_main(main, argv=None):
+    """Call main(argv); an ArcFaceError becomes `error: <message>` and exit code 2, Ctrl-C exit 130."""
+    try:
+        return main(argv)
+    except ArcFaceError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

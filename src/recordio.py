@@ -1,0 +1,722 @@
+"""Reading and writing indexed RecordIO files (``train.rec`` + ``train.idx``).
+
+File format
+-----------
+``.idx`` is a text file with one ``key<TAB>byte_offset`` line per logical record.
+
+``.rec`` is a sequence of physical records, each starting at a 4-byte aligned offset::
+
+    uint32 LE  magic = 0xced7230a
+    uint32 LE  lrecord = cflag << 29 | length      (length = low 29 bits)
+    length     payload bytes
+    0..3       zero bytes padding the record to a multiple of 4
+
+``cflag`` 0 marks a complete logical record. A writer must never let the magic appear at an
+aligned position of the file outside a record header (so a reader can resynchronise), so a
+payload that contains the magic bytes at a 4-byte aligned position is cut there: the pieces
+are stored as physical records with cflag 1 (first), 2 (middle) and 3 (last), the magic
+itself is dropped, and the reader puts it back between consecutive pieces.
+
+Payload layout (the "image record" header)::
+
+    <IfQQ  uint32 flag, float32 label, uint64 id, uint64 id2      (24 bytes)
+    flag * float32                                                (label array if flag > 0)
+    image bytes (JPEG / PNG)
+
+insightface dataset layout
+--------------------------
+Key 0 holds a header record: flag 2, label ``[first_identity_key, end_key]`` and no image.
+Keys ``1 .. first_identity_key - 1`` are images whose label is the class id; keys
+``first_identity_key .. end_key - 1`` are one record per class with label
+``[first_image_key, end_image_key)``. A folder also holds a ``property`` file with the text
+``num_classes,height,width``. Files produced by im2rec have no header record: every key of
+the idx file is an image.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import os
+import struct
+import threading
+from typing import Iterable, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from src.errors import ArcFaceError
+
+__all__ = [
+    "RECORD_MAGIC",
+    "IRHeader",
+    "pack_header",
+    "unpack_record",
+    "IndexedRecordReader",
+    "IndexedRecordWriter",
+    "FaceRecordDataset",
+    "write_face_dataset",
+]
+
+RECORD_MAGIC = 0xCED7230A
+_MAGIC_BYTES = struct.pack("<I", RECORD_MAGIC)
+_REC_HEAD = struct.Struct("<II")  # magic, lrecord
+_IR_HEAD = struct.Struct("<IfQQ")  # flag, label, id, id2
+_LENGTH_BITS = 29
+_LENGTH_MASK = (1 << _LENGTH_BITS) - 1
+_MAX_PART = _LENGTH_MASK  # the largest payload piece one physical record can hold
+_MAX_EXACT_FLOAT32 = 1 << 24
+
+# cflag values of a physical record.
+_WHOLE, _FIRST, _MIDDLE, _LAST = 0, 1, 2, 3
+
+IRHeader = collections.namedtuple("IRHeader", ["flag", "label", "id", "id2"])
+IRHeader.__doc__ = """Header of an image record.
+
+``label`` is a Python float when ``flag == 0`` and a float32 numpy array of ``flag`` values
+otherwise (the scalar field of the struct is then ignored)."""
+
+
+def _pad4(n: int) -> int:
+    """Number of zero bytes needed to bring ``n`` up to a multiple of 4."""
+    return (-n) & 3
+
+
+# --------------------------------------------------------------------------------------------
+# Payload header
+# --------------------------------------------------------------------------------------------
+
+
+def pack_header(label: Union[float, Sequence[float], np.ndarray], id: int = 0, id2: int = 0) -> bytes:
+    """Serialise an image record header; append the image bytes to get the full payload.
+
+    ``label`` is either a number (stored in the scalar field, ``flag = 0``) or a non-empty
+    sequence of numbers (stored as a float32 array after the struct, ``flag = len(label)``).
+    """
+    if isinstance(label, (str, bytes)):
+        raise TypeError(f"label must be a number or a sequence of numbers, got {label!r}")
+    if np.ndim(label) == 0:
+        return _IR_HEAD.pack(0, float(label), int(id), int(id2))
+    values = np.asarray(label, dtype="<f4").reshape(-1)
+    if values.size == 0:
+        # flag 0 would mean "scalar label", so an empty array cannot be represented.
+        raise ValueError("an array label needs at least one value")
+    return _IR_HEAD.pack(values.size, 0.0, int(id), int(id2)) + values.tobytes()
+
+
+def unpack_record(payload: bytes, where: str = "record") -> Tuple[IRHeader, bytes]:
+    """Split a record payload into ``(IRHeader, image_bytes)``.
+
+    ``where`` names the record (file and key) in the error raised for a payload too short
+    for the header it declares.
+    """
+    if len(payload) < _IR_HEAD.size:
+        raise ArcFaceError(
+            f"{where}: payload of {len(payload)} bytes is shorter than the "
+            f"{_IR_HEAD.size}-byte record header"
+        )
+    flag, label, id_, id2 = _IR_HEAD.unpack_from(payload, 0)
+    start = _IR_HEAD.size
+    if flag > 0:
+        end = start + 4 * flag
+        if len(payload) < end:
+            raise ArcFaceError(
+                f"{where}: header declares {flag} label values ({end} bytes) but the payload "
+                f"has only {len(payload)} bytes"
+            )
+        label = np.frombuffer(payload, dtype="<f4", count=flag, offset=start).astype(np.float32)
+        start = end
+    return IRHeader(flag, label, id_, id2), bytes(payload[start:])
+
+
+def _header_size(prefix: bytes) -> int:
+    """Bytes taken by the record header (struct + label array) given at least 24 bytes."""
+    flag = struct.unpack_from("<I", prefix, 0)[0]
+    return _IR_HEAD.size + 4 * flag
+
+
+# --------------------------------------------------------------------------------------------
+# Reader
+# --------------------------------------------------------------------------------------------
+
+
+def _parse_idx(idx_path: str, rec_path: str, rec_size: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Read an idx file into (keys, offsets) int64 arrays, in file order."""
+    keys = []
+    offsets = []
+    seen = set()
+    try:
+        f = open(idx_path, "r", encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        raise ArcFaceError(f"{idx_path}: index file not found (needed to read {rec_path})") from None
+    except OSError as exc:
+        raise ArcFaceError(f"{idx_path}: cannot open index file: {exc.strerror}") from None
+    with f:
+        for lineno, line in enumerate(f, 1):
+            parts = line.split()
+            if not parts:
+                continue  # blank lines (e.g. a trailing one) carry no entry
+            try:
+                if len(parts) != 2:
+                    raise ValueError
+                key, offset = int(parts[0]), int(parts[1])
+                if offset < 0:
+                    raise ValueError
+            except ValueError:
+                raise ArcFaceError(
+                    f"{idx_path}: line {lineno}: expected 'key<TAB>byte_offset', got {line.strip()[:80]!r}"
+                ) from None
+            if key in seen:
+                raise ArcFaceError(f"{idx_path}: line {lineno}: key {key} appears twice")
+            if offset >= rec_size:
+                raise ArcFaceError(
+                    f"{idx_path}: line {lineno}: key {key} has offset {offset}, past the end of "
+                    f"{rec_path} ({rec_size} bytes)"
+                )
+            seen.add(key)
+            keys.append(key)
+            offsets.append(offset)
+    return np.asarray(keys, dtype=np.int64), np.asarray(offsets, dtype=np.int64)
+
+
+class IndexedRecordReader:
+    """Random access to the logical records of a ``.rec`` file through its ``.idx`` file.
+
+    The file is opened lazily and reopened whenever the object is used in a process other
+    than the one that opened it, so the reader can be pickled into data-loading worker
+    processes. Reads use positional I/O, so one reader may also be shared between threads.
+    """
+
+    def __init__(self, rec_path: Union[str, os.PathLike], idx_path: Union[str, os.PathLike, None] = None):
+        self.rec_path = os.fspath(rec_path)
+        self.idx_path = os.fspath(idx_path) if idx_path is not None else os.path.splitext(self.rec_path)[0] + ".idx"
+        if not os.path.isfile(self.rec_path):
+            raise ArcFaceError(f"{self.rec_path}: record file not found")
+        self._size = os.path.getsize(self.rec_path)
+        self._keys, self._offsets = _parse_idx(self.idx_path, self.rec_path, self._size)
+        self._build_lookup()
+        self._keys_list: Optional[list] = None
+        self._fd: Optional[int] = None
+        self._pid: Optional[int] = None
+        self._lock = threading.Lock()
+
+    def _build_lookup(self) -> None:
+        # Datasets have millions of keys and the reader is pickled into every worker: when the
+        # keys form a contiguous range (the usual case) a flat array is far smaller than a dict.
+        self._key_base = 0
+        self._slot: Optional[np.ndarray] = None
+        self._key_pos: Optional[dict] = None
+        n = len(self._keys)
+        if n and int(self._keys.max()) - int(self._keys.min()) == n - 1:
+            self._key_base = int(self._keys.min())
+            self._slot = np.empty(n, dtype=np.int64)
+            self._slot[self._keys - self._key_base] = np.arange(n, dtype=np.int64)
+        else:
+            self._key_pos = {int(k): i for i, k in enumerate(self._keys.tolist())}
+
+    # -- pickling / process handling ---------------------------------------------------------
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        # File descriptors and locks do not survive pickling; the list view is rebuilt on demand.
+        state["_fd"] = None
+        state["_pid"] = None
+        state["_lock"] = None
+        state["_keys_list"] = None
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def _file(self) -> int:
+        """The descriptor of the .rec file for the current process, opening it if needed."""
+        pid = os.getpid()
+        if self._fd is not None and self._pid == pid:
+            return self._fd
+        with self._lock:
+            if self._fd is not None and self._pid != pid:
+                # Inherited through fork: drop this process's copy and open a private one.
+                try:
+                    os.close(self._fd)
+                except OSError:
+                    pass
+                self._fd = None
+            if self._fd is None:
+                try:
+                    self._fd = os.open(self.rec_path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+                except OSError as exc:
+                    raise ArcFaceError(f"{self.rec_path}: cannot open record file: {exc.strerror}") from None
+                self._pid = pid
+                self._size = os.fstat(self._fd).st_size
+            return self._fd
+
+    def _pread(self, n: int, offset: int) -> bytes:
+        fd = self._file()
+        if hasattr(os, "pread"):
+            chunks = []
+            while n > 0:
+                chunk = os.pread(fd, n, offset)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                n -= len(chunk)
+                offset += len(chunk)
+            return b"".join(chunks)
+        with self._lock:  # no positional read on this platform: seek+read must not interleave
+            os.lseek(fd, offset, os.SEEK_SET)
+            chunks = []
+            while n > 0:
+                chunk = os.read(fd, n)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                n -= len(chunk)
+            return b"".join(chunks)
+
+    def close(self) -> None:
+        """Close the file (it is reopened automatically by the next read)."""
+        if self._fd is not None and self._pid == os.getpid():
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass
+        self._fd = None
+        self._pid = None
+
+    def __enter__(self) -> "IndexedRecordReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    # -- index -------------------------------------------------------------------------------
+
+    @property
+    def keys(self) -> list:
+        """All keys, in the order of the idx file."""
+        if self._keys_list is None:
+            self._keys_list = self._keys.tolist()
+        return self._keys_list
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __contains__(self, key) -> bool:
+        return self._position(key) is not None
+
+    def _position(self, key) -> Optional[int]:
+        try:
+            key = int(key)
+        except (TypeError, ValueError):
+            return None
+        if self._slot is not None:
+            i = key - self._key_base
+            return int(self._slot[i]) if 0 <= i < len(self._slot) else None
+        return self._key_pos.get(key)
+
+    def offset(self, key: int) -> int:
+        """Byte offset of ``key`` in the .rec file."""
+        pos = self._position(key)
+        if pos is None:
+            raise ArcFaceError(f"{self.idx_path}: key {key} is not in the index")
+        return int(self._offsets[pos])
+
+    # -- records -----------------------------------------------------------------------------
+
+    def read(self, key: int) -> bytes:
+        """Payload of the logical record stored under ``key``."""
+        return self._read_logical(self.offset(key), key, limit=None)
+
+    def read_at(self, offset: int) -> bytes:
+        """Payload of the logical record starting at byte ``offset``."""
+        return self._read_logical(int(offset), None, limit=None)
+
+    def read_prefix(self, key: int, nbytes: int) -> bytes:
+        """At least the first ``nbytes`` of the payload under ``key`` (fewer only if the payload
+        is shorter), without reading the rest when the first physical piece suffices."""
+        return self._read_logical(self.offset(key), key, limit=nbytes)
+
+    def _where(self, offset: int, key) -> str:
+        what = f"key {key} at offset {offset}" if key is not None else f"offset {offset}"
+        return f"{self.rec_path}: {what}"
+
+    def _read_physical(self, offset: int, key, start: int, limit: Optional[int]):
+        """One physical record at ``offset`` -> (cflag, payload, next_offset).
+
+        ``start`` is the offset of the logical record (for messages); with ``limit`` only the
+        first ``limit`` payload bytes are read.
+        """
+        head = self._pread(_REC_HEAD.size, offset)
+        if len(head) < _REC_HEAD.size:
+            if offset >= self._size and offset != start:
+                raise ArcFaceError(
+                    f"{self._where(start, key)}: multi-part record is missing its continuation "
+                    f"(end of file at offset {offset})"
+                )
+            raise ArcFaceError(
+                f"{self._where(start, key)}: truncated record header at offset {offset} "
+                f"(file has {self._size} bytes)"
+            )
+        magic, lrecord = _REC_HEAD.unpack(head)
+        if magic != RECORD_MAGIC:
+            raise ArcFaceError(
+                f"{self._where(start, key)}: bad record magic 0x{magic:08x} at offset {offset} "
+                f"(expected 0x{RECORD_MAGIC:08x}; wrong offset in the idx file or corrupt file?)"
+            )
+        cflag, length = lrecord >> _LENGTH_BITS, lrecord & _LENGTH_MASK
+        want = length if limit is None else min(length, limit)
+        data = self._pread(want, offset + _REC_HEAD.size)
+        if len(data) < want:
+            raise ArcFaceError(
+                f"{self._where(start, key)}: truncated record at offset {offset}: declares "
+                f"{length} payload bytes but the file ends after {len(data)}"
+            )
+        return cflag, data, offset + _REC_HEAD.size + length + _pad4(length)
+
+    def _read_logical(self, offset: int, key, limit: Optional[int]) -> bytes:
+        if offset < 0 or offset >= self._size:
+            raise ArcFaceError(
+                f"{self._where(offset, key)}: offset is past the end of the file ({self._size} bytes)"
+            )
+        cflag, data, nxt = self._read_physical(offset, key, offset, limit)
+        if cflag == _WHOLE:
+            return data
+        if cflag != _FIRST:
+            raise ArcFaceError(
+                f"{self._where(offset, key)}: record starts with a continuation piece "
+                f"(cflag {cflag}); the idx offset does not point at the start of a record"
+            )
+        parts = [data]
+        got = len(data)
+        while True:
+            if limit is not None and got >= limit:
+                return b"".join(parts)
+            pos = nxt
+            if pos >= self._size:
+                raise ArcFaceError(
+                    f"{self._where(offset, key)}: multi-part record is missing its continuation "
+                    f"(end of file at offset {pos})"
+                )
+            cflag, data, nxt = self._read_physical(pos, key, offset, None)
+            if cflag not in (_MIDDLE, _LAST):
+                raise ArcFaceError(
+                    f"{self._where(offset, key)}: multi-part record is missing its continuation "
+                    f"(found a record with cflag {cflag} at offset {pos})"
+                )
+            # The writer cut the payload at a magic word and dropped it: put it back.
+            parts.append(_MAGIC_BYTES)
+            parts.append(data)
+            got += 4 + len(data)
+            if cflag == _LAST:
+                return b"".join(parts)
+
+
+# --------------------------------------------------------------------------------------------
+# Writer
+# --------------------------------------------------------------------------------------------
+
+
+def _split_at_magic(payload: bytes) -> list:
+    """Cut ``payload`` at every 4-byte aligned occurrence of the magic, dropping the magic."""
+    pieces = []
+    start = 0
+    pos = payload.find(_MAGIC_BYTES)
+    while pos != -1:
+        if pos % 4 == 0:
+            pieces.append(payload[start:pos])
+            start = pos + 4
+            pos = payload.find(_MAGIC_BYTES, start)
+        else:
+            # Unaligned matches are harmless: records start aligned, so they can never be
+            # mistaken for a record header. Resume the search at the next aligned position.
+            pos = payload.find(_MAGIC_BYTES, pos + _pad4(pos))
+    pieces.append(payload[start:])
+    return pieces
+
+
+class IndexedRecordWriter:
+    """Writes logical records to a ``.rec`` file and their offsets to an ``.idx`` file."""
+
+    def __init__(self, rec_path: Union[str, os.PathLike], idx_path: Union[str, os.PathLike, None] = None):
+        self.rec_path = os.fspath(rec_path)
+        self.idx_path = os.fspath(idx_path) if idx_path is not None else os.path.splitext(self.rec_path)[0] + ".idx"
+        try:
+            self._rec = open(self.rec_path, "wb")
+        except OSError as exc:
+            raise ArcFaceError(f"{self.rec_path}: cannot create record file: {exc.strerror}") from None
+        try:
+            self._idx = open(self.idx_path, "w", encoding="ascii", newline="\n")
+        except OSError as exc:
+            self._rec.close()
+            raise ArcFaceError(f"{self.idx_path}: cannot create index file: {exc.strerror}") from None
+        self._pos = 0
+        self._keys = set()
+
+    def write(self, key: int, payload: bytes) -> int:
+        """Append ``payload`` under ``key``; returns the byte offset of the record."""
+        if self._rec is None:
+            raise ValueError(f"{self.rec_path}: writer is closed")
+        key = int(key)
+        if key in self._keys:
+            raise ValueError(f"{self.rec_path}: key {key} written twice")
+        payload = bytes(payload)
+        pieces = _split_at_magic(payload)
+        for piece in pieces:
+            if len(piece) > _MAX_PART:
+                raise ValueError(
+                    f"{self.rec_path}: key {key}: record piece of {len(piece)} bytes exceeds the "
+                    f"format limit of {_MAX_PART} bytes"
+                )
+        offset = self._pos
+        last = len(pieces) - 1
+        for i, piece in enumerate(pieces):
+            if last == 0:
+                cflag = _WHOLE
+            elif i == 0:
+                cflag = _FIRST
+            elif i == last:
+                cflag = _LAST
+            else:
+                cflag = _MIDDLE
+            self._rec.write(_REC_HEAD.pack(RECORD_MAGIC, cflag << _LENGTH_BITS | len(piece)))
+            self._rec.write(piece)
+            pad = _pad4(len(piece))
+            if pad:
+                self._rec.write(b"\0" * pad)
+            self._pos += _REC_HEAD.size + len(piece) + pad
+        self._idx.write(f"{key}\t{offset}\n")
+        self._keys.add(key)
+        return offset
+
+    def close(self) -> None:
+        if self._rec is not None:
+            self._rec.close()
+            self._idx.close()
+            self._rec = None
+            self._idx = None
+
+    def __enter__(self) -> "IndexedRecordWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# --------------------------------------------------------------------------------------------
+# insightface layout
+# --------------------------------------------------------------------------------------------
+
+
+def _read_property(path: str) -> Tuple[int, Tuple[int, int]]:
+    """Parse a ``property`` file (``num_classes,height,width``)."""
+    try:
+        with open(path, "r", encoding="utf-8", errors="replace") as f:
+            text = f.read().strip()
+    except OSError as exc:
+        raise ArcFaceError(f"{path}: cannot read property file: {exc.strerror}") from None
+    fields = [s.strip() for s in text.split(",")]
+    try:
+        if len(fields) != 3:
+            raise ValueError
+        num_classes, h, w = (int(s) for s in fields)
+        if num_classes <= 0 or h <= 0 or w <= 0:
+            raise ValueError
+    except ValueError:
+        raise ArcFaceError(
+            f"{path}: expected 'num_classes,height,width' with positive integers, got {text[:80]!r}"
+        ) from None
+    return num_classes, (h, w)
+
+
+def _as_class_id(value, where: str) -> int:
+    """A label value as a non-negative integer class id."""
+    v = float(value)
+    if not math.isfinite(v) or v < 0 or v != int(v):
+        raise ArcFaceError(f"{where}: label {value!r} is not a non-negative integer class id")
+    return int(v)
+
+
+class FaceRecordDataset:
+    """Random-access view of the images of an insightface-style (or im2rec) record dataset.
+
+    ``dataset[i]`` is ``(image_bytes, class_id)`` of the i-th image. Attributes:
+
+    * ``image_keys``: the record keys of the images, in dataset order;
+    * ``has_header_record``: whether key 0 is an insightface header record;
+    * ``num_classes``: from the ``property`` file if present, else ``max(label) + 1``;
+    * ``image_size``: ``(height, width)`` from the ``property`` file, or ``None``.
+
+    Pickles cheaply (the underlying reader reopens the file in each process).
+    """
+
+    def __init__(self, folder_or_rec_path: Union[str, os.PathLike]):
+        path = os.fspath(folder_or_rec_path)
+        if os.path.isdir(path):
+            rec_path = os.path.join(path, "train.rec")
+            idx_path = os.path.join(path, "train.idx")
+            missing = [p for p in (rec_path, idx_path) if not os.path.isfile(p)]
+            if missing:
+                raise ArcFaceError(
+                    f"{path}: not a record dataset folder (missing {', '.join(os.path.basename(p) for p in missing)})"
+                )
+            folder = path
+        else:
+            if not os.path.isfile(path):
+                raise ArcFaceError(f"{path}: no such record file or dataset folder")
+            rec_path = path
+            idx_path = os.path.splitext(path)[0] + ".idx"
+            folder = os.path.dirname(path) or "."
+        self.rec_path = rec_path
+        self.reader = IndexedRecordReader(rec_path, idx_path)
+
+        self.property_path: Optional[str] = os.path.join(folder, "property")
+        if not os.path.isfile(self.property_path):
+            self.property_path = None
+
+        self.has_header_record = False
+        self.image_keys: list = self._find_image_keys()
+        self._labels: Optional[np.ndarray] = None
+
+        self.image_size: Optional[Tuple[int, int]] = None
+        if self.property_path is not None:
+            self.num_classes, self.image_size = _read_property(self.property_path)
+        else:
+            labels = self.labels()
+            if labels.size == 0:
+                raise ArcFaceError(f"{rec_path}: dataset has no images, cannot infer the number of classes")
+            self.num_classes = int(labels.max()) + 1
+
+    def _find_image_keys(self) -> list:
+        reader = self.reader
+        if 0 in reader:
+            head = reader.read_prefix(0, _IR_HEAD.size + 8)
+            where = f"{self.rec_path}: key 0"
+            if len(head) >= _IR_HEAD.size + 8 and struct.unpack_from("<I", head, 0)[0] == 2:
+                header, image = unpack_record(reader.read(0), where)
+                # The insightface header carries no image; an im2rec image with a two-value
+                # label does, which is what tells the two apart.
+                if not image:
+                    first_id, end = (float(v) for v in header.label)
+                    if not (first_id == int(first_id) and end == int(end) and 1 <= first_id <= end):
+                        raise ArcFaceError(
+                            f"{where}: header record has an invalid key range "
+                            f"[{first_id:g}, {end:g})"
+                        )
+                    keys = np.arange(1, int(first_id), dtype=np.int64)
+                    # Vectorised: real datasets announce millions of image keys.
+                    missing = keys[~np.isin(keys, reader._keys)]
+                    if missing.size:
+                        raise ArcFaceError(
+                            f"{reader.idx_path}: image key {int(missing[0])} announced by the header "
+                            f"record of {self.rec_path} is not in the index"
+                        )
+                    self.has_header_record = True
+                    return keys.tolist()
+        return list(reader.keys)
+
+    def __len__(self) -> int:
+        return len(self.image_keys)
+
+    def _label_from_header(self, header: IRHeader, where: str) -> int:
+        value = header.label if header.flag == 0 else header.label[0]
+        return _as_class_id(value, where)
+
+    def __getitem__(self, i: int) -> Tuple[bytes, int]:
+        n = len(self.image_keys)
+        i = int(i)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError(f"image index {i} out of range for {n} images")
+        key = self.image_keys[i]
+        where = f"{self.rec_path}: key {key}"
+        header, image = unpack_record(self.reader.read(key), where)
+        label = self._label_from_header(header, where)
+        if not image:
+            raise ArcFaceError(f"{where}: record has no image bytes")
+        return image, label
+
+    def label_of(self, i: int) -> int:
+        """Class id of the i-th image, reading only its record header."""
+        key = self.image_keys[i]
+        where = f"{self.rec_path}: key {key}"
+        prefix = self.reader.read_prefix(key, 64)
+        if len(prefix) >= _IR_HEAD.size:
+            need = _header_size(prefix)
+            if len(prefix) < need:
+                prefix = self.reader.read_prefix(key, need)
+        header, _ = unpack_record(prefix, where)
+        return self._label_from_header(header, where)
+
+    def labels(self) -> np.ndarray:
+        """Class ids of all images (int64, dataset order); read from headers once, then cached."""
+        if self._labels is None:
+            self._labels = np.fromiter(
+                (self.label_of(i) for i in range(len(self.image_keys))),
+                dtype=np.int64,
+                count=len(self.image_keys),
+            )
+        return self._labels
+
+    def close(self) -> None:
+        self.reader.close()
+
+    def __enter__(self) -> "FaceRecordDataset":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def write_face_dataset(
+    folder: Union[str, os.PathLike],
+    samples: Iterable[Tuple[bytes, int]],
+    image_size: Tuple[int, int] = (112, 112),
+) -> int:
+    """Write ``(image_bytes, class_id)`` samples as ``train.rec``/``train.idx``/``property``.
+
+    Uses the insightface layout: header record at key 0, images at keys ``1..N`` grouped by
+    class (stable order within a class), then one identity record per class
+    ``0..num_classes-1`` (a class without images gets an empty key range). All samples are
+    held in memory to sort them, so this suits conversions of moderate size.
+    Returns the number of classes.
+    """
+    folder = os.fspath(folder)
+    os.makedirs(folder, exist_ok=True)
+    h, w = (int(v) for v in image_size)
+
+    items = []
+    for n, (image, label) in enumerate(samples):
+        if isinstance(label, bool) or np.ndim(label) != 0:
+            raise ArcFaceError(f"{folder}: sample {n}: label {label!r} is not an integer class id")
+        class_id = _as_class_id(label, f"{folder}: sample {n}")
+        if class_id > _MAX_EXACT_FLOAT32:
+            # Labels are stored as float32, which holds integers exactly only up to 2**24.
+            raise ArcFaceError(f"{folder}: sample {n}: class id {class_id} is too large for a float32 label")
+        items.append((class_id, bytes(image)))
+    if not items:
+        raise ArcFaceError(f"{folder}: no samples to write")
+    items.sort(key=lambda item: item[0])  # stable: keeps the input order within a class
+    num_classes = items[-1][0] + 1
+    num_images = len(items)
+    first_identity = num_images + 1
+
+    with IndexedRecordWriter(os.path.join(folder, "train.rec"), os.path.join(folder, "train.idx")) as writer:
+        writer.write(0, pack_header([first_identity, first_identity + num_classes]))
+        starts = np.zeros(num_classes + 1, dtype=np.int64)  # per-class first image key
+        for key, (label, image) in enumerate(items, start=1):
+            writer.write(key, pack_header(float(label), id=key) + image)
+        counts = np.bincount([label for label, _ in items], minlength=num_classes)
+        starts[1:] = np.cumsum(counts)
+        starts += 1
+        for c in range(num_classes):
+            writer.write(first_identity + c, pack_header([int(starts[c]), int(starts[c + 1])]))
+    with open(os.path.join(folder, "property"), "w", encoding="ascii") as f:
+        f.write(f"{num_classes},{h},{w}\n")
+    return num_classes

@@ -1,0 +1,183 @@
+"""Standalone and data-parallel training: network, optimizer, train-step cell and the loop."""
+import logging
+import math
+import os
+import time
+
+import numpy as np
+import mindspore as ms
+from mindspore import nn
+
+from src import runtime
+from src.backbones import get_backbone
+from src.callbacks import CheckpointSaver, LossMonitor, StepState, setup_logging
+from src.checkpoint import latest_checkpoint, load_backbone, load_train_state, read_checkpoint
+from src.dataset import create_train_dataset, open_source, resolve_num_classes
+from src.errors import ArcFaceError
+from src.loss import CombinedMarginHead
+from src.lr_schedule import scaled_lr, step_lr
+
+logger = logging.getLogger("arcface")
+
+
+class BackboneWithHead(nn.Cell):
+    """images, labels -> margin softmax loss."""
+
+    def __init__(self, backbone, head):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def construct(self, images, labels):
+        return self.head(self.backbone(images), labels)
+
+
+def build_network(cfg, num_classes, fp16=False):
+    backbone = get_backbone(cfg.network, cfg.num_features, cfg.dropout, fp16=fp16, width=cfg.width)
+    head = CombinedMarginHead(num_classes, cfg.num_features, cfg.scale, *cfg.margins)
+    return BackboneWithHead(backbone, head)
+
+
+def parameter_groups(net, weight_decay):
+    """Weight decay on everything but BatchNorm's gamma/beta."""
+    bn_ids = set()
+    for _, cell in net.cells_and_names():
+        if isinstance(cell, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            bn_ids.update(id(p) for p in cell.get_parameters())
+    params = net.trainable_params()
+    decay = [p for p in params if id(p) not in bn_ids]
+    no_decay = [p for p in params if id(p) in bn_ids]
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def build_train_step(net, lr_per_step, cfg, fp16):
+    optimizer = nn.SGD(parameter_groups(net, cfg.weight_decay), learning_rate=ms.Tensor(lr_per_step),
+                       momentum=cfg.momentum)
+    if fp16:
+        # Dynamic loss scaling keeps small fp16 gradients from flushing to zero; overflowing
+        # steps are skipped and the scale lowered.
+        scale = nn.DynamicLossScaleUpdateCell(loss_scale_value=2.0 ** 16, scale_factor=2, scale_window=2000)
+        return nn.TrainOneStepWithLossScaleCell(net, optimizer, scale_sense=scale)
+    return nn.TrainOneStepCell(net, optimizer)
+
+
+def resolve_amp(cfg):
+    """True for an fp16 backbone: 'auto' means fp16 on GPU/Ascend, fp32 on CPU (faster there)."""
+    if cfg.amp == "auto":
+        return cfg.device_target != "CPU"
+    return cfg.amp == "O2"
+
+
+def _modelarts_sync(src, dst):
+    try:
+        import moxing as mox
+    except ImportError:
+        raise ArcFaceError("--modelarts needs the moxing package, available on ModelArts") from None
+    mox.file.copy_parallel(src, dst)
+
+
+def train(cfg):
+    """Run training as configured; returns the final StepState (None if no step ran)."""
+    rt = runtime.setup(cfg.device_target, cfg.device_id, cfg.mode, seed=cfg.seed)
+    output_dir = cfg.train_url
+    data_dir = cfg.data_url
+    if cfg.modelarts:
+        data_dir, output_dir = "/cache/data", "/cache/output"
+        _modelarts_sync(cfg.data_url, data_dir)
+    setup_logging(output_dir, main=rt.is_main)
+
+    source = open_source(data_dir)
+    num_classes = resolve_num_classes(source, cfg.num_classes, data_dir)
+    dataset = create_train_dataset(source, cfg.batch_size, rt.rank, rt.group_size, cfg.num_workers,
+                                   path=data_dir)
+    steps_per_epoch = dataset.get_dataset_size()
+    total_steps = steps_per_epoch * cfg.epochs
+    if cfg.max_steps:
+        total_steps = min(total_steps, cfg.max_steps)
+
+    fp16 = resolve_amp(cfg)
+    net = build_network(cfg, num_classes, fp16=fp16)
+    if cfg.ckpt_url:
+        params, _ = read_checkpoint(cfg.ckpt_url)
+        load_backbone(net.backbone, cfg.ckpt_url, params)
+        head_weight = params.get("head.weight")
+        if head_weight is not None and tuple(head_weight.shape) == tuple(net.head.weight.shape):
+            net.head.weight.set_data(head_weight)
+        logger.info(f"initialised from {cfg.ckpt_url}")
+    lr = scaled_lr(cfg.lr, cfg.batch_size, rt.group_size)
+    lr_per_step = step_lr(lr, steps_per_epoch, cfg.epochs, cfg.schedule, cfg.gamma, cfg.warmup_epochs)
+    train_step = build_train_step(net, lr_per_step, cfg, fp16)
+
+    start_step = 0
+    if cfg.resume:
+        path = latest_checkpoint(output_dir) if cfg.resume == "auto" else cfg.resume
+        meta = load_train_state(train_step, path)
+        start_step = meta["global_step"]
+        logger.info(f"resumed from {path} at epoch {meta['epoch']} step {meta['step_in_epoch']} "
+                    f"(global step {start_step})")
+        if start_step >= total_steps:
+            logger.info(f"nothing to do: the checkpoint is at step {start_step} of {total_steps}")
+            return None
+
+    global_batch = cfg.batch_size * rt.group_size
+    logger.info(f"{cfg.network} {cfg.margin} | {source.kind} {data_dir}: {len(source)} images, "
+                f"{num_classes} classes | {rt.group_size} x {cfg.device_target} | batch {cfg.batch_size} "
+                f"per device, {steps_per_epoch} steps/epoch | lr {lr:g} | "
+                f"{'fp16 backbone + loss scaling' if fp16 else 'fp32'} | {cfg.mode} mode")
+    callbacks = []
+    if rt.is_main:
+        callbacks.append(LossMonitor(cfg.log_interval, os.path.join(output_dir, "metrics.jsonl")))
+        callbacks.append(CheckpointSaver(train_step, output_dir, cfg.save_interval, cfg.keep_checkpoint_max))
+    return run_loop(train_step, dataset, lr_per_step, start_step, total_steps, steps_per_epoch,
+                    global_batch, callbacks)
+
+
+def run_loop(train_step, dataset, lr_per_step, start_step, total_steps, steps_per_epoch, global_batch,
+             callbacks):
+    """Step until total_steps. The data pipeline is one stream repeated as often as needed, so a
+    run resumed mid-epoch simply continues; epoch and step numbers derive from the global step."""
+    train_step.set_train(True)
+    repeats = math.ceil((total_steps - start_step) / steps_per_epoch)
+    iterator = dataset.repeat(repeats).create_tuple_iterator(num_epochs=1)
+    global_step, state = start_step, None
+    if start_step == 0:
+        logger.info("compiling the training graph (the first step takes longer)")
+    try:
+        for images, labels in iterator:
+            tick = time.time()
+            output = train_step(images, labels)
+            loss = float((output[0] if isinstance(output, tuple) else output).asnumpy())
+            global_step += 1
+            epoch, step_in_epoch = divmod(global_step - 1, steps_per_epoch)
+            if not np.isfinite(loss):
+                raise ArcFaceError(
+                    f"loss is {loss} at epoch {epoch + 1} step {step_in_epoch + 1} (global step {global_step}): "
+                    f"training stopped without saving; lower --lr or resume from the last checkpoint")
+            state = StepState(epoch + 1, step_in_epoch + 1, global_step, steps_per_epoch, total_steps, loss,
+                              float(lr_per_step[global_step - 1]), time.time() - tick, global_batch)
+            for cb in callbacks:
+                cb.on_step_end(state)
+            if state.step_in_epoch == steps_per_epoch:
+                for cb in callbacks:
+                    cb.on_epoch_end(state)
+            if global_step >= total_steps:
+                break
+    except KeyboardInterrupt:
+        # Keep the work done so far: the parameters after the last completed step are consistent.
+        if state is not None:
+            logger.info(f"interrupted at global step {state.global_step}: saving a checkpoint")
+            _finish(callbacks, state)
+        raise
+    except ArcFaceError:
+        _finish(callbacks, None)
+        raise
+    _finish(callbacks, state)
+    return state
+
+
+def _finish(callbacks, state):
+    for cb in callbacks:
+        cb.on_train_end(state)

@@ -1,0 +1,54 @@
+"""Evaluate a checkpoint on face-verification sets (LFW, CFP-FP, AgeDB-30, CALFW, CPLFW, ...).
+
+Reads <eval_url>/<target>.bin for every target, embeds the images and their flips, and prints
+the 10-fold protocol's lines, e.g. `[lfw]Accuracy-Flip: 0.99817+-0.00273`. A missing set is
+reported and skipped. The lines also go to --log (default eval.log).
+
+  python val.py --eval_url /data/eval --ckpt_url outputs/ms1mv2_r100 --network r100
+"""
+import argparse
+import sys
+
+from src.cli import run_main
+from src.errors import ArcFaceError
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--eval_url", required=True, help="folder with the <target>.bin files")
+    parser.add_argument("--ckpt_url", required=True,
+                        help="checkpoint file, or a training output folder (its latest checkpoint)")
+    parser.add_argument("--target", default="lfw,cfp_fp,agedb_30,calfw,cplfw",
+                        help="comma-separated set names (default: %(default)s)")
+    parser.add_argument("--network", default="r100", help="backbone of the checkpoint (default: %(default)s)")
+    parser.add_argument("--num_features", type=int, default=512, help="embedding size (default: %(default)s)")
+    parser.add_argument("--device_target", default="CPU", choices=["Ascend", "GPU", "CPU"])
+    parser.add_argument("--device_id", type=int, default=0)
+    parser.add_argument("--batch_size", type=int, default=64, help="images per forward pass (default: %(default)s)")
+    parser.add_argument("--nfolds", type=int, default=10, help="folds of the protocol (default: %(default)s)")
+    parser.add_argument("--log", default="eval.log", help="file the result lines are appended to")
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    from src import runtime
+    from src.embedders import MindSporeEmbedder, backbone_from_checkpoint
+    from src.verification import verify_bins
+
+    runtime.setup(args.device_target, args.device_id, distributed=False)
+    backbone = backbone_from_checkpoint(args.network, args.ckpt_url, args.num_features)
+    targets = [t for t in args.target.split(",") if t]
+    with open(args.log, "a", encoding="utf-8") as log_file:
+        def log(line):
+            print(line, flush=True)
+            log_file.write(line + "\n")
+        results = verify_bins(MindSporeEmbedder(backbone), args.eval_url, targets, args.batch_size, args.nfolds,
+                              log=log, progress=sys.stderr.isatty())
+    if not results:
+        raise ArcFaceError(f"none of the sets {', '.join(targets)} was found in {args.eval_url}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))
