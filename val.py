@@ -20,8 +20,10 @@ def build_parser():
                         help="checkpoint file, or a training output folder (its latest checkpoint)")
     parser.add_argument("--target", default="lfw,cfp_fp,agedb_30,calfw,cplfw",
                         help="comma-separated set names (default: %(default)s)")
-    parser.add_argument("--network", default="r100", help="backbone of the checkpoint (default: %(default)s)")
-    parser.add_argument("--num_features", type=int, default=512, help="embedding size (default: %(default)s)")
+    parser.add_argument("--network", default=None,
+                        help="backbone (default: as recorded in the checkpoint, else r100)")
+    parser.add_argument("--width", type=int, default=None, help="iresnet width (default: from the checkpoint)")
+    parser.add_argument("--num_features", type=int, default=None, help="embedding size (default: from the checkpoint)")
     parser.add_argument("--device_target", default="CPU", choices=["Ascend", "GPU", "CPU"])
     parser.add_argument("--device_id", type=int, default=0)
     parser.add_argument("--batch_size", type=int, default=64, help="images per forward pass (default: %(default)s)")
@@ -37,7 +39,7 @@ def main(argv=None):
     from src.verification import verify_bins
 
     runtime.setup(args.device_target, args.device_id, distributed=False)
-    backbone = backbone_from_checkpoint(args.network, args.ckpt_url, args.num_features)
+    backbone = backbone_from_checkpoint(args.ckpt_url, args.network, args.width, args.num_features)
     targets = [t for t in args.target.split(",") if t]
     with open(args.log, "a", encoding="utf-8") as log_file:
         def log(line):

@@ -31,6 +31,19 @@ class StepState:
     global_batch: int     # images per step over all devices
 
 
+class Callback:
+    """No-op hooks; subclasses override what they need."""
+
+    def on_step_end(self, s: StepState):
+        pass
+
+    def on_epoch_end(self, s: StepState):
+        pass
+
+    def on_train_end(self, s):
+        """`s` is the last StepState, or None when training stopped on an error."""
+
+
 def setup_logging(log_dir=None, main=True):
     """Plain lines on stdout (like the model zoo); the same with timestamps in log_dir/train.log."""
     logger.setLevel(logging.INFO if main else logging.WARNING)
@@ -47,7 +60,7 @@ def setup_logging(log_dir=None, main=True):
     return logger
 
 
-class LossMonitor:
+class LossMonitor(Callback):
     """The model zoo's log lines plus lr and throughput, a progress bar on a terminal, and a
     metrics.jsonl file (one JSON object per logged step) for plotting training curves."""
 
@@ -69,7 +82,7 @@ class LossMonitor:
             self.bar.update(1)
             self.bar.set_postfix(epoch=s.epoch, loss=f"{s.loss:.4f}", lr=f"{s.lr:.5f}",
                                  img_s=f"{s.global_batch / max(s.step_time, 1e-9):.1f}")
-        if s.global_step % self.log_interval == 0 or s.step_in_epoch == s.steps_per_epoch:
+        if s.step_in_epoch % self.log_interval == 0 or s.step_in_epoch == s.steps_per_epoch:
             mean_time = sum(self.window) / len(self.window)
             self.window = []
             self._write(f"epoch: {s.epoch} step: {s.step_in_epoch}, loss is {s.loss:.6f}, "
@@ -98,13 +111,13 @@ class LossMonitor:
             self.bar.refresh()
 
 
-class CheckpointSaver:
+class CheckpointSaver(Callback):
     """`ArcFace-<epoch>_<step>.ckpt` every `interval` steps (0: at each epoch end) and at the end,
     keeping the newest `keep` files."""
 
-    def __init__(self, cell, directory, interval=0, keep=5, meta_fn=None):
+    def __init__(self, cell, directory, interval=0, keep=5, meta=None):
         self.cell, self.directory, self.interval, self.keep = cell, directory, interval, keep
-        self.meta_fn = meta_fn or (lambda s: {})
+        self.meta = dict(meta or {})
         self.last_saved_step = None
         os.makedirs(directory, exist_ok=True)
         for stale in glob.glob(os.path.join(directory, ".tmp-*.ckpt")):
@@ -115,7 +128,7 @@ class CheckpointSaver:
             return
         path = os.path.join(self.directory, checkpoint_name(s.epoch, s.step_in_epoch))
         meta = {"epoch": s.epoch, "step_in_epoch": s.step_in_epoch, "global_step": s.global_step}
-        meta.update(self.meta_fn(s))
+        meta.update(self.meta)
         save_checkpoint_atomic(self.cell, path, meta)
         self.last_saved_step = s.global_step
         for old in list_checkpoints(self.directory)[:-self.keep]:
@@ -133,3 +146,101 @@ class CheckpointSaver:
     def on_train_end(self, s):
         if s is not None:
             self.save(s)
+
+
+class VerificationMonitor(Callback):
+    """Runs the verification sets every `interval` steps (and at the end), logs their lines,
+    records them in metrics.jsonl and keeps the checkpoint with the best mean Accuracy-Flip as
+    `best.ckpt`."""
+
+    def __init__(self, backbone, sets, interval, batch_size, save_cell, directory, meta=None,
+                 metrics_path=None, nfolds=10):
+        from src.embedders import MindSporeEmbedder
+        self.backbone, self.sets, self.interval = backbone, sets, interval
+        self.batch_size, self.nfolds = batch_size, nfolds
+        self.embedder = MindSporeEmbedder(backbone)
+        backbone.set_train(True)
+        self.save_cell, self.directory, self.meta = save_cell, directory, dict(meta or {})
+        self.metrics_path = metrics_path
+        self.best, self.last_step = None, None
+
+    def on_step_end(self, s: StepState):
+        if s.global_step % self.interval == 0:
+            self.evaluate(s)
+
+    def on_train_end(self, s):
+        if s is not None and self.last_step != s.global_step:
+            self.evaluate(s)
+
+    def evaluate(self, s: StepState):
+        from src.verification import verify_sets
+        self.last_step = s.global_step
+        self.backbone.set_train(False)
+        try:
+            results = verify_sets(self.embedder, self.sets, self.batch_size, self.nfolds, log=logger.info,
+                                  progress=False)
+        finally:
+            self.backbone.set_train(True)
+        accuracy = {name: r.acc_flip for name, r in results.items()}
+        score = float(sum(accuracy.values()) / max(len(accuracy), 1))
+        if self.metrics_path:
+            with open(self.metrics_path, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps({"epoch": s.epoch, "step": s.global_step, "eval": accuracy}) + "\n")
+        if self.best is None or score > self.best:
+            self.best = score
+            meta = {"epoch": s.epoch, "step_in_epoch": s.step_in_epoch, "global_step": s.global_step}
+            meta.update(self.meta)
+            save_checkpoint_atomic(self.save_cell, os.path.join(self.directory, "best.ckpt"), meta)
+            logger.info(f"best mean Accuracy-Flip {score:.5f} at step {s.global_step}: saved best.ckpt")
+
+
+def plot_training_curve(metrics_path, image_path):
+    """Loss (and verification accuracy when evaluated) against the global step, as a PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps, losses, evals = [], [], {}
+    with open(metrics_path, encoding="utf-8") as fh:
+        for line in fh:
+            row = json.loads(line)
+            if "loss" in row:
+                steps.append(row["step"])
+                losses.append(row["loss"])
+            for name, acc in row.get("eval", {}).items():
+                evals.setdefault(name, []).append((row["step"], acc))
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
+    ax.plot(steps, losses, color="tab:blue", linewidth=1.2, label="training loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss", color="tab:blue")
+    ax.grid(alpha=0.3)
+    if evals:
+        acc_ax = ax.twinx()
+        for name, points in evals.items():
+            xs, ys = zip(*points)
+            acc_ax.plot(xs, ys, marker="o", linewidth=1.2, label=f"{name} Accuracy-Flip")
+        acc_ax.set_ylabel("verification accuracy")
+        acc_ax.legend(loc="lower right")
+    ax.legend(loc="upper right")
+    ax.set_title("training curve")
+    fig.tight_layout()
+    fig.savefig(image_path)
+    plt.close(fig)
+
+
+class CurvePlotter(Callback):
+    """Redraws training_curve.png at each epoch end and at the end of training."""
+
+    def __init__(self, metrics_path, image_path):
+        self.metrics_path, self.image_path = metrics_path, image_path
+
+    def _draw(self):
+        if os.path.isfile(self.metrics_path):
+            plot_training_curve(self.metrics_path, self.image_path)
+
+    def on_epoch_end(self, s):
+        self._draw()
+
+    def on_train_end(self, s):
+        if s is not None:
+            self._draw()

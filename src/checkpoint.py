@@ -1,7 +1,8 @@
 """Checkpoint files: names, atomic writes, finding the latest, and loading them into networks.
 
 A training checkpoint holds the whole train-step cell (backbone, margin head, optimizer moments,
-optimizer global step, loss scale) plus `epoch`, `step_in_epoch` and `global_step` entries.
+optimizer global step, loss scale) plus meta entries stored as `meta_<name>` (the prefix keeps
+them apart from parameters such as the optimizer's own `global_step`).
 """
 import glob
 import os
@@ -13,7 +14,10 @@ from src.errors import ArcFaceError
 
 CKPT_PREFIX = "ArcFace"
 _CKPT_RE = re.compile(rf"^{CKPT_PREFIX}-(\d+)_(\d+)\.ckpt$")
+META_PREFIX = "meta_"
 META_KEYS = ("epoch", "step_in_epoch", "global_step")
+# Written with every training checkpoint so evaluation and export rebuild the right backbone.
+MODEL_KEYS = ("network", "width", "num_features")
 # Rebuilt from the config on every start, so a resumed run may change --epochs or --lr.
 NOT_RESTORED = ("learning_rate",)
 
@@ -45,7 +49,8 @@ def save_checkpoint_atomic(cell, path, meta=None):
     directory, name = os.path.split(path)
     tmp = os.path.join(directory, f".tmp-{os.getpid()}-{name}")
     try:
-        ms.save_checkpoint(cell, tmp, append_dict=dict(meta or {}))
+        meta = {META_PREFIX + key: value for key, value in (meta or {}).items()}
+        ms.save_checkpoint(cell, tmp, append_dict=meta)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -61,14 +66,16 @@ def read_checkpoint(path):
     except (ValueError, RuntimeError, OSError) as exc:
         raise ArcFaceError(f"cannot read checkpoint {path}: {str(exc).splitlines()[0]}") from None
     meta = {}
-    for key in META_KEYS:
-        if key in params:
-            meta[key] = int(params.pop(key).asnumpy())
+    for key in META_KEYS + MODEL_KEYS:
+        if META_PREFIX + key in params:
+            value = params.pop(META_PREFIX + key)
+            meta[key] = value if isinstance(value, str) else int(value.asnumpy())
     return params, meta
 
 
 def _check_shapes(cell, params, path):
-    for name, param in cell.parameters_and_names():
+    for param in cell.get_parameters():
+        name = param.name
         if name in params and tuple(params[name].shape) != tuple(param.shape):
             raise ArcFaceError(
                 f"checkpoint {path} does not fit this model: {name} has shape {tuple(params[name].shape)} "
@@ -76,17 +83,17 @@ def _check_shapes(cell, params, path):
 
 
 def load_train_state(train_cell, path):
-    """Restore everything for --resume; returns the meta dict (epoch, step_in_epoch, global_step)."""
+    """Restore everything for --resume; returns the meta dict (epoch, step_in_epoch, global_step, ...)."""
     params, meta = read_checkpoint(path)
     if "global_step" not in meta:
         raise ArcFaceError(f"{path} is not a training checkpoint of this project (no global_step): "
                            f"use --ckpt_url to initialise from it instead")
-    for key in NOT_RESTORED:
-        params.pop(key, None)
+    for key in [k for k in params if k.endswith(NOT_RESTORED)]:
+        params.pop(key)
     _check_shapes(train_cell, params, path)
     ms.load_param_into_net(train_cell, params)
-    missing = [n for n, _ in train_cell.parameters_and_names()
-               if n not in params and n not in NOT_RESTORED]
+    missing = [p.name for p in train_cell.get_parameters()
+               if p.name not in params and not p.name.endswith(NOT_RESTORED)]
     if missing:
         raise ArcFaceError(f"checkpoint {path} lacks {len(missing)} parameter(s) of this model, "
                            f"e.g. {missing[0]} (another --network?)")
@@ -95,7 +102,7 @@ def load_train_state(train_cell, path):
 
 def backbone_params(params, backbone):
     """The backbone's entries of a checkpoint, whatever prefix the training cell gave them."""
-    own = {name for name, _ in backbone.parameters_and_names()}
+    own = {p.name for p in backbone.get_parameters()}
     selected = {}
     for key, value in params.items():
         for prefix in ("", "backbone.", "network.backbone.", "_backbone."):
@@ -112,7 +119,7 @@ def load_backbone(backbone, path, params=None):
         params, _ = read_checkpoint(path)
     selected = backbone_params(params, backbone)
     _check_shapes(backbone, selected, path)
-    missing = [name for name, _ in backbone.parameters_and_names() if name not in selected]
+    missing = [p.name for p in backbone.get_parameters() if p.name not in selected]
     if missing:
         raise ArcFaceError(f"checkpoint {path} does not hold this backbone: {len(missing)} parameter(s) "
                            f"missing, e.g. {missing[0]} (trained with another --network?)")

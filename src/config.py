@@ -59,6 +59,13 @@ class TrainConfig:
     max_steps: int = field(default=0, metadata={"help": "stop after this many global steps (0: all epochs)"})
     # Data pipeline
     num_workers: int = field(default=4, metadata={"help": "parallel workers for decoding/augmentation"})
+    # Verification during training
+    eval_url: str = field(default="", metadata={"help": "folder with verification .bin files to evaluate "
+                                                "during training (rank 0); keeps best.ckpt"})
+    eval_targets: str = field(default="lfw,cfp_fp,agedb_30", metadata={"help": "comma-separated sets in "
+                                                                       "--eval_url"})
+    eval_interval: int = field(default=2000, metadata={"help": "steps between evaluations"})
+    eval_batch_size: int = field(default=64, metadata={"help": "batch size for evaluation"})
     # Logging and checkpoints
     log_interval: int = field(default=50, metadata={"help": "steps between log lines"})
     save_interval: int = field(default=0, metadata={"help": "steps between checkpoints "
@@ -158,7 +165,8 @@ def validate(cfg):
         raise ArcFaceError(f"--mode must be graph or pynative, not {cfg.mode!r}")
     if cfg.amp not in ("auto", "O0", "O2"):
         raise ArcFaceError(f"--amp must be auto, O0 or O2, not {cfg.amp!r}")
-    for name in ("epochs", "batch_size", "log_interval", "keep_checkpoint_max"):
+    for name in ("epochs", "batch_size", "log_interval", "keep_checkpoint_max", "eval_interval",
+                 "eval_batch_size"):
         if getattr(cfg, name) < 1:
             raise ArcFaceError(f"--{name} must be at least 1")
     if cfg.lr <= 0:

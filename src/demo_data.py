@@ -113,7 +113,7 @@ def encode_jpeg(rgb, quality):
     return data.tobytes()
 
 
-def make_demo_data(output, num_train_ids=400, images_per_id=24, num_test_ids=100, num_pairs=600, seed=0,
+def make_demo_data(output, num_train_ids=300, images_per_id=20, num_test_ids=100, num_pairs=600, seed=0,
                    progress=True):
     """Write the training RecordIO folder and the held-out verification .bin; returns their paths."""
     rng = np.random.default_rng(seed)
@@ -121,7 +121,7 @@ def make_demo_data(output, num_train_ids=400, images_per_id=24, num_test_ids=100
     train_ids, test_ids = identities[:num_train_ids], identities[num_train_ids:]
 
     samples = []
-    bar = tqdm(total=num_train_ids * images_per_id + 2 * num_pairs, desc="demo data", disable=not progress)
+    bar = tqdm(total=num_train_ids * images_per_id + 2 * num_pairs, desc="demo data", disable=None if progress else True)
     for label, identity in enumerate(train_ids):
         for _ in range(images_per_id):
             samples.append((encode_jpeg(render(identity, rng), rng.integers(70, 96)), label))
@@ -148,8 +148,8 @@ def make_demo_data(output, num_train_ids=400, images_per_id=24, num_test_ids=100
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", default="demo_data", help="output folder")
-    parser.add_argument("--train_ids", type=int, default=400, help="training identities")
-    parser.add_argument("--images_per_id", type=int, default=24, help="training images per identity")
+    parser.add_argument("--train_ids", type=int, default=300, help="training identities")
+    parser.add_argument("--images_per_id", type=int, default=20, help="training images per identity")
     parser.add_argument("--test_ids", type=int, default=100, help="held-out identities for verification")
     parser.add_argument("--pairs", type=int, default=600, help="verification pairs (half genuine)")
     parser.add_argument("--seed", type=int, default=0, help="random seed")

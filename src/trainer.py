@@ -10,12 +10,14 @@ from mindspore import nn
 
 from src import runtime
 from src.backbones import get_backbone
-from src.callbacks import CheckpointSaver, LossMonitor, StepState, setup_logging
+from src.callbacks import (CheckpointSaver, CurvePlotter, LossMonitor, StepState, VerificationMonitor,
+                           setup_logging)
 from src.checkpoint import latest_checkpoint, load_backbone, load_train_state, read_checkpoint
 from src.dataset import create_train_dataset, open_source, resolve_num_classes
 from src.errors import ArcFaceError
 from src.loss import CombinedMarginHead
 from src.lr_schedule import scaled_lr, step_lr
+from src.verification import load_sets
 
 logger = logging.getLogger("arcface")
 
@@ -129,8 +131,21 @@ def train(cfg):
                 f"{'fp16 backbone + loss scaling' if fp16 else 'fp32'} | {cfg.mode} mode")
     callbacks = []
     if rt.is_main:
-        callbacks.append(LossMonitor(cfg.log_interval, os.path.join(output_dir, "metrics.jsonl")))
-        callbacks.append(CheckpointSaver(train_step, output_dir, cfg.save_interval, cfg.keep_checkpoint_max))
+        metrics = os.path.join(output_dir, "metrics.jsonl")
+        if not cfg.resume and os.path.exists(metrics):
+            os.remove(metrics)  # a fresh run starts a fresh curve
+        model = {"network": cfg.network, "width": cfg.width, "num_features": cfg.num_features}
+        callbacks.append(LossMonitor(cfg.log_interval, metrics))
+        callbacks.append(CheckpointSaver(train_step, output_dir, cfg.save_interval, cfg.keep_checkpoint_max,
+                                         meta=model))
+        if cfg.eval_url:
+            sets = load_sets(cfg.eval_url, [t for t in cfg.eval_targets.split(",") if t], log=logger.info,
+                             progress=False)
+            if not sets:
+                raise ArcFaceError(f"--eval_url {cfg.eval_url}: none of {cfg.eval_targets} found")
+            callbacks.append(VerificationMonitor(net.backbone, sets, cfg.eval_interval, cfg.eval_batch_size,
+                                                 train_step, output_dir, model, metrics))
+        callbacks.append(CurvePlotter(metrics, os.path.join(output_dir, "training_curve.png")))
     return run_loop(train_step, dataset, lr_per_step, start_step, total_steps, steps_per_epoch,
                     global_batch, callbacks)
 

@@ -41,6 +41,8 @@ __all__ = [
     "evaluate",
     "format_lines",
     "embed_pairs",
+    "load_sets",
+    "verify_sets",
     "verify_bins",
 ]
 
@@ -324,32 +326,38 @@ def embed_pairs(embed_fn, images_uint8, batch_size, progress=True, flip=True):
     return emb, emb_flip
 
 
-def verify_bins(
-    embed_fn, eval_dir, targets, batch_size, nfolds=10, image_size=(112, 112), log=print,
-    progress=True,
-):
-    """Evaluate ``<eval_dir>/<target>.bin`` for each target and log the report lines.
-
-    A missing file is logged as ``[<target>]missing: <path>`` and skipped.
-
-    Returns:
-        ``{target: VerificationResult}`` for the sets that were evaluated.
-    """
-    results = {}
+def load_sets(eval_dir, targets, image_size=(112, 112), log=print, progress=True):
+    """``{target: (images uint8, issame)}`` for every ``<eval_dir>/<target>.bin`` found; a missing
+    file is logged as ``[<target>]missing: <path>`` and skipped."""
+    sets = {}
     for target in targets:
         path = os.path.join(eval_dir, f"{target}.bin")
         if not os.path.isfile(path):
             log(f"[{target}]missing: {path}")
             continue
-        images, issame = load_bin(path, image_size=image_size, progress=progress)
+        sets[target] = load_bin(path, image_size=image_size, progress=progress)
+    return sets
+
+
+def verify_sets(embed_fn, sets, batch_size, nfolds=10, log=print, progress=True):
+    """Run the protocol on loaded sets and log the report lines; returns ``{target: result}``."""
+    results = {}
+    for target, (images, issame) in sets.items():
         if len(issame) < nfolds:
-            raise ArcFaceError(
-                f"{path}: {len(issame)} pairs are not enough for {nfolds}-fold verification"
-            )
+            raise ArcFaceError(f"{target}: {len(issame)} pairs are not enough for {nfolds}-fold verification")
         emb, emb_flip = embed_pairs(embed_fn, images, batch_size, progress=progress)
-        del images
         result = evaluate(emb, issame, emb_flip, nfolds=nfolds)
         for line in format_lines(target, result):
             log(line)
         results[target] = result
+    return results
+
+
+def verify_bins(embed_fn, eval_dir, targets, batch_size, nfolds=10, image_size=(112, 112), log=print,
+                progress=True):
+    """Evaluate ``<eval_dir>/<target>.bin`` for each target, one set in memory at a time."""
+    results = {}
+    for target in targets:
+        sets = load_sets(eval_dir, [target], image_size, log, progress)
+        results.update(verify_sets(embed_fn, sets, batch_size, nfolds, log, progress))
     return results

@@ -1,0 +1,98 @@
+"""Export a trained backbone to MINDIR, AIR or ONNX.
+
+- MINDIR: dynamic batch by default (input shape [None, 3, 112, 112]); a fixed batch on request.
+- ONNX: MindSpore exports a static batch only, so the file is exported at a probe batch and then
+  the batch dimension is made symbolic (`batch`) in the input, the output and every Reshape
+  target: one file serves every batch size. The input is named `data` and the output
+  `embedding` (insightface's input convention), 512-d.
+- AIR: Ascend only.
+"""
+import os
+
+import numpy as np
+
+from src.errors import ArcFaceError
+
+FORMATS = ("MINDIR", "AIR", "ONNX")
+SUFFIX = {"MINDIR": ".mindir", "AIR": ".air", "ONNX": ".onnx"}
+INPUT_NAME = "data"
+OUTPUT_NAME = "embedding"
+# An unusual batch for exporting a dynamic-batch ONNX, so Reshape targets that carry the batch
+# are recognisable by their leading value.
+PROBE_BATCH = 5
+
+
+def export_backbone(backbone, file_name, file_format="MINDIR", batch_size=None, device_target="CPU"):
+    """Write `file_name` + suffix; returns the path written."""
+    import mindspore as ms
+    file_format = file_format.upper()
+    if file_format not in FORMATS:
+        raise ArcFaceError(f"--file_format must be one of {', '.join(FORMATS)}, not {file_format!r}")
+    if file_format == "AIR" and device_target != "Ascend":
+        raise ArcFaceError("AIR export needs an Ascend device (--device_target Ascend); "
+                           "use MINDIR or ONNX on other machines")
+    if batch_size is not None and batch_size < 1:
+        raise ArcFaceError(f"--batch_size must be positive, got {batch_size}")
+    backbone.set_train(False)
+    base = file_name[:-len(SUFFIX[file_format])] if file_name.endswith(SUFFIX[file_format]) else file_name
+    directory = os.path.dirname(os.path.abspath(base))
+    os.makedirs(directory, exist_ok=True)
+    if file_format == "MINDIR" and batch_size is None:
+        example = ms.Tensor(shape=[None, 3, 112, 112], dtype=ms.float32)
+    else:
+        example = ms.Tensor(np.zeros((batch_size or PROBE_BATCH, 3, 112, 112), np.float32))
+    ms.export(backbone, example, file_name=base, file_format=file_format)
+    path = base + SUFFIX[file_format]
+    if file_format == "ONNX":
+        finish_onnx(path, probe_batch=None if batch_size else PROBE_BATCH)
+    return path
+
+
+def finish_onnx(path, probe_batch=None):
+    """Name the input `data` and the output `embedding`; with `probe_batch`, make the batch
+    dimension symbolic everywhere it was fixed to `probe_batch`. Checked with onnx.checker."""
+    import onnx
+    model = onnx.load(path)
+    graph = model.graph
+    _rename(graph, graph.input[0].name, INPUT_NAME)
+    _rename(graph, graph.output[0].name, OUTPUT_NAME)
+    if probe_batch:
+        for value in list(graph.input[:1]) + list(graph.output):
+            dim = value.type.tensor_type.shape.dim[0]
+            dim.ClearField("dim_value")
+            dim.dim_param = "batch"
+        # Shapes the exporter recorded for intermediate values would pin the batch again.
+        del graph.value_info[:]
+        _unpin_reshapes(graph, probe_batch)
+    onnx.checker.check_model(model)
+    onnx.save(model, path)
+
+
+def _rename(graph, old, new):
+    if old == new:
+        return
+    for node in graph.node:
+        node.input[:] = [new if name == old else name for name in node.input]
+        node.output[:] = [new if name == old else name for name in node.output]
+    for value in list(graph.input) + list(graph.output):
+        if value.name == old:
+            value.name = new
+
+
+def _unpin_reshapes(graph, probe_batch):
+    """Reshape targets starting with the probe batch get 0 there ("keep the input's dimension")."""
+    from onnx import numpy_helper
+    tensors = {init.name: init for init in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.name == "value":
+                    tensors[node.output[0]] = attr.t
+    for node in graph.node:
+        if node.op_type != "Reshape" or len(node.input) < 2 or node.input[1] not in tensors:
+            continue
+        tensor = tensors[node.input[1]]
+        shape = numpy_helper.to_array(tensor).astype(np.int64)
+        if shape.size and shape[0] == probe_batch:
+            shape[0] = 0
+            tensor.CopyFrom(numpy_helper.from_array(shape, tensor.name))

@@ -1,0 +1,201 @@
+"""Training end to end on tiny data: loss falls, checkpoints, resume, NaN guard, bad input."""
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from conftest import TINY_TRAIN_ARGS
+from src.callbacks import CheckpointSaver, StepState
+from src.checkpoint import list_checkpoints, read_checkpoint, save_checkpoint_atomic
+from src.cli import run_main
+from src.errors import ArcFaceError
+import train
+
+
+def read_metrics(folder):
+    """The per-step rows (evaluation rows are tested in test_val)."""
+    with open(os.path.join(folder, "metrics.jsonl"), encoding="utf-8") as fh:
+        return [row for row in map(json.loads, fh) if "loss" in row]
+
+
+def test_loss_falls_and_checkpoints_are_written(trained_run):
+    metrics = read_metrics(trained_run)
+    assert [m["step"] for m in metrics] == list(range(1, 33))
+    losses = np.array([m["loss"] for m in metrics])
+    assert np.isfinite(losses).all()
+    # Mean loss of the last epoch against the first (single steps are noisy at batch 8).
+    assert losses[-8:].mean() < 0.7 * losses[:8].mean(), losses
+    names = [os.path.basename(p) for p in list_checkpoints(trained_run)]
+    assert names == ["ArcFace-2_8.ckpt", "ArcFace-3_8.ckpt", "ArcFace-4_8.ckpt"]  # keep 3
+    params, meta = read_checkpoint(os.path.join(trained_run, "ArcFace-4_8.ckpt"))
+    assert meta == {"epoch": 4, "step_in_epoch": 8, "global_step": 32, "network": "r18", "width": 8,
+                    "num_features": 512}
+    assert params["head.weight"].shape == (8, 512)  # num_classes read from the property file
+    assert any(k.startswith("accum.backbone.") for k in params)  # SGD momentum buffers
+    log = (trained_run / "train.log").read_text()
+    assert "epoch: 4 step: 8, loss is" in log and "per step time:" in log and "img/s" in log
+
+
+def test_lr_schedule_in_log(trained_run):
+    lrs = [m["lr"] for m in read_metrics(trained_run)]
+    # 3.2 for a batch of 512 -> 0.05 at batch 8, halved from epoch 3 on (0-based).
+    np.testing.assert_allclose(lrs[:24], 0.05, rtol=1e-6)
+    np.testing.assert_allclose(lrs[24:], 0.025, rtol=1e-6)
+
+
+def test_resume_continues_at_the_right_step_with_the_same_lr(trained_run, tiny_data, tmp_path):
+    out = tmp_path / "resumed"
+    out.mkdir()
+    shutil.copy(trained_run / "ArcFace-2_8.ckpt", out)
+    assert train.main(["--data_url", str(tiny_data[0]), "--train_url", str(out), "--resume", "auto"]
+                      + TINY_TRAIN_ARGS) == 0
+    resumed = read_metrics(out)
+    original = read_metrics(trained_run)
+    assert [m["step"] for m in resumed] == list(range(17, 33))
+    assert [m["epoch"] for m in resumed] == [3] * 8 + [4] * 8
+    np.testing.assert_allclose([m["lr"] for m in resumed], [m["lr"] for m in original[16:]])
+    assert "resumed from" in (out / "train.log").read_text()
+    # Optimizer state came back too: the global step of the optimizer continued from 16.
+    params, meta = read_checkpoint(str(out / "ArcFace-4_8.ckpt"))
+    assert meta["global_step"] == 32
+    assert int(params["global_step"].asnumpy().reshape(-1)[0]) == 32
+    # First resumed loss continues from where the first run was, not from a fresh network.
+    assert resumed[0]["loss"] < original[0]["loss"]
+
+
+def test_resume_rejects_checkpoint_of_another_network(trained_run, tiny_data, tmp_path, capsys):
+    args = ["--data_url", str(tiny_data[0]), "--train_url", str(tmp_path),
+            "--resume", str(trained_run / "ArcFace-2_8.ckpt")] + TINY_TRAIN_ARGS + ["--width", "16"]
+    assert run_main(train.main, args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: checkpoint") and "does not fit" in err and len(err.splitlines()) == 1
+
+
+class FakeStep:
+    """Stands in for the train-step cell: returns the given losses one after the other."""
+
+    def __init__(self, losses):
+        self.losses = iter(losses)
+
+    def set_train(self, mode):
+        pass
+
+    def __call__(self, images, labels):
+        import mindspore as ms
+        return ms.Tensor(np.float32(next(self.losses)))
+
+
+class FakeDataset:
+    def __init__(self, steps):
+        self.steps = steps
+
+    def repeat(self, count):
+        self.count = count
+        return self
+
+    def create_tuple_iterator(self, num_epochs):
+        return iter([(None, None)] * self.steps * self.count)
+
+
+def test_nan_loss_stops_with_the_step_and_saves_nothing(tmp_path):
+    import mindspore as ms
+    from src.trainer import run_loop
+    net = ms.nn.Dense(2, 2)
+    saver = CheckpointSaver(net, str(tmp_path), interval=1, keep=10)
+    with pytest.raises(ArcFaceError, match=r"loss is nan at epoch 2 step 1 \(global step 4\)"):
+        run_loop(FakeStep([1.0, 0.9, 0.8, float("nan"), 0.5]), FakeDataset(3), np.full(9, 0.1, np.float32),
+                 0, 9, 3, 8, [saver])
+    assert [os.path.basename(p) for p in list_checkpoints(tmp_path)] == \
+        ["ArcFace-1_1.ckpt", "ArcFace-1_2.ckpt", "ArcFace-1_3.ckpt"]
+
+
+def test_checkpoint_save_is_atomic(tmp_path, monkeypatch):
+    import mindspore as ms
+    net = ms.nn.Dense(3, 2)
+    good = tmp_path / "ArcFace-1_5.ckpt"
+    save_checkpoint_atomic(net, str(good), {"global_step": 5})
+    before = good.read_bytes()
+
+    def crash(cell, path, **kwargs):
+        with open(path, "wb") as fh:
+            fh.write(b"half a checkpoint")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(ms, "save_checkpoint", crash)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint_atomic(net, str(good), {"global_step": 6})
+    assert good.read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == ["ArcFace-1_5.ckpt"]
+
+
+def test_keeps_only_the_newest_checkpoints(tmp_path):
+    import mindspore as ms
+    saver = CheckpointSaver(ms.nn.Dense(2, 2), str(tmp_path), interval=1, keep=2)
+    for step in range(1, 6):
+        saver.on_step_end(StepState(1, step, step, 10, 10, 1.0, 0.1, 0.1, 8))
+    assert [os.path.basename(p) for p in list_checkpoints(tmp_path)] == ["ArcFace-1_4.ckpt", "ArcFace-1_5.ckpt"]
+
+
+@pytest.mark.parametrize("case", ["missing", "neither", "empty", "num_classes", "config", "config_key"])
+def test_bad_input_is_one_clear_line(case, tiny_data, tmp_path, capsys):
+    args = ["--train_url", str(tmp_path / "out")]
+    if case == "missing":
+        args += ["--data_url", str(tmp_path / "nope")]
+        expected = "training data folder not found"
+    elif case == "neither":
+        (tmp_path / "data").mkdir()
+        (tmp_path / "data" / "notes.txt").write_text("x")
+        args += ["--data_url", str(tmp_path / "data")]
+        expected = "neither train.rec/train.idx nor one sub-folder per identity"
+    elif case == "empty":
+        (tmp_path / "data" / "0").mkdir(parents=True)
+        args += ["--data_url", str(tmp_path / "data")]
+        expected = "contains no images"
+    elif case == "num_classes":
+        args += ["--data_url", str(tiny_data[0]), "--num_classes", "5"]
+        expected = "--num_classes 5 is smaller than the labels"
+    elif case == "config":
+        (tmp_path / "bad.yaml").write_text("lr: [unclosed\n")
+        args += ["--config", str(tmp_path / "bad.yaml")]
+        expected = "is not valid yaml"
+    else:
+        (tmp_path / "bad.yaml").write_text("learning_rate: 0.1\n")
+        args += ["--config", str(tmp_path / "bad.yaml")]
+        expected = "unknown option(s) learning_rate"
+    assert run_main(train.main, args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: ") and expected in err, err
+
+
+def test_imagefolder_orders_numeric_class_folders_numerically(tmp_path):
+    import cv2
+    from src.dataset import open_source, resolve_num_classes
+    image = cv2.imencode(".jpg", np.zeros((112, 112, 3), np.uint8))[1].tobytes()
+    for name in ("10", "2", "1"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "a.jpg").write_bytes(image)
+        (tmp_path / name / "readme.txt").write_text("not an image")
+    source = open_source(str(tmp_path))
+    assert source.kind == "imagefolder" and source.classes == ["1", "2", "10"]
+    assert [source[i][1] for i in range(len(source))] == [0, 1, 2]
+    assert resolve_num_classes(source, 0) == 3
+
+
+def test_num_classes_from_labels_without_property(tiny_data, tmp_path):
+    from src.dataset import open_source, resolve_num_classes
+    for name in ("train.rec", "train.idx"):
+        shutil.copy(tiny_data[0] / name, tmp_path)
+    assert resolve_num_classes(open_source(str(tmp_path)), 0) == 8
+    assert resolve_num_classes(open_source(str(tmp_path)), 20) == 20
+
+
+def test_weight_decay_skips_batchnorm():
+    from src.config import TrainConfig
+    from src.trainer import build_network, parameter_groups
+    net = build_network(TrainConfig(network="r18", width=8), num_classes=4)
+    decay, no_decay = parameter_groups(net, 5e-4)
+    assert decay["weight_decay"] == 5e-4 and no_decay["weight_decay"] == 0.0
+    assert all(p.name.endswith(("gamma", "beta")) for p in no_decay["params"])
+    assert not any(p.name.endswith(("gamma", "beta")) for p in decay["params"])
+    assert any(p.name == "head.weight" for p in decay["params"])
