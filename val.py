@@ -1,16 +1,18 @@
-"""Evaluate a checkpoint on face-verification sets (LFW, CFP-FP, AgeDB-30, CALFW, CPLFW, ...).
+"""Evaluate a checkpoint on face-verification sets (LFW, CFP-FP, AgeDB-30, CALFW, CPLFW) or IJB-B/C.
 
 Reads <eval_url>/<target>.bin for every target, embeds the images and their flips, and prints
 the 10-fold protocol's lines, e.g. `[lfw]Accuracy-Flip: 0.99817+-0.00273`. A missing set is
-reported and skipped. The lines also go to --log (default eval.log).
+reported and skipped. `--target IJBB` or `IJBC` runs the IJB 1:1 protocol on an IJB_release/<target>
+folder (or its parent) and prints the TAR@FAR table; scores and a ROC plot go to --result_dir.
+The lines also go to --log (default eval.log).
 
-  python val.py --eval_url /data/eval --ckpt_url outputs/ms1mv2_r100 --network r100
+  python val.py --eval_url /data/eval --ckpt_url outputs/ms1mv2_r100
+  python val.py --eval_url /data/IJB_release/IJBC --target IJBC --ckpt_url outputs/ms1mv2_r100
 """
 import argparse
 import sys
 
 from src.cli import run_main
-from src.errors import ArcFaceError
 
 
 def build_parser():
@@ -29,6 +31,7 @@ def build_parser():
     parser.add_argument("--batch_size", type=int, default=64, help="images per forward pass (default: %(default)s)")
     parser.add_argument("--nfolds", type=int, default=10, help="folds of the protocol (default: %(default)s)")
     parser.add_argument("--log", default="eval.log", help="file the result lines are appended to")
+    parser.add_argument("--result_dir", default="ijb_results", help="IJB scores and ROC plot (default: %(default)s)")
     return parser
 
 
@@ -36,19 +39,14 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     from src import runtime
     from src.embedders import MindSporeEmbedder, backbone_from_checkpoint
-    from src.verification import verify_bins
+    from src.evaluation import ResultLog, run_evaluation, split_targets
 
+    targets = split_targets(args.target)
     runtime.setup(args.device_target, args.device_id, distributed=False)
     backbone = backbone_from_checkpoint(args.ckpt_url, args.network, args.width, args.num_features)
-    targets = [t for t in args.target.split(",") if t]
-    with open(args.log, "a", encoding="utf-8") as log_file:
-        def log(line):
-            print(line, flush=True)
-            log_file.write(line + "\n")
-        results = verify_bins(MindSporeEmbedder(backbone), args.eval_url, targets, args.batch_size, args.nfolds,
-                              log=log, progress=sys.stderr.isatty())
-    if not results:
-        raise ArcFaceError(f"none of the sets {', '.join(targets)} was found in {args.eval_url}")
+    with ResultLog(args.log) as log:
+        run_evaluation(MindSporeEmbedder(backbone), args.eval_url, targets, args.batch_size, args.nfolds, log,
+                       args.result_dir)
     return 0
 
 

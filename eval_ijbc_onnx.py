@@ -1,0 +1,47 @@
+"""IJB-B / IJB-C 1:1 verification of an ONNX model with ONNX Runtime.
+
+Aligns every face of IJB_release/<target>/loose_crop with its 5 landmarks, embeds it and its flip,
+builds the templates, scores all pairs and prints the TAR@FAR table; writes <target>_scores.npy
+and <target>_roc.png to --result-dir. One ONNX file serves every batch size (the last partial batch
+is padded), so the model zoo's second "remainder" model is not needed.
+
+  python eval_ijbc_onnx.py --image-path /data/IJB_release/IJBC --onnx_url arcface_r100.onnx --target IJBC
+"""
+import argparse
+import sys
+
+from src.cli import run_main
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--image-path", "--image_path", dest="image_path", required=True,
+                        help="IJB_release/IJBB or IJB_release/IJBC folder (or IJB_release)")
+    parser.add_argument("--onnx_url", required=True, help="ONNX model file")
+    parser.add_argument("--target", default="IJBC", type=str.upper, choices=["IJBB", "IJBC"])
+    parser.add_argument("--batch_size", type=int, default=128, help="images per run (default: %(default)s)")
+    parser.add_argument("--result-dir", "--result_dir", dest="result_dir", default="ijb_results",
+                        help="scores and ROC plot (default: %(default)s)")
+    parser.add_argument("--job", default=None, help="method name in the table (default: the target in lower case)")
+    parser.add_argument("--device_target", default="CPU", choices=["GPU", "CPU"])
+    parser.add_argument("--input_mean", type=float, default=127.5, help="pixel mean of the model (default: 127.5)")
+    parser.add_argument("--input_std", type=float, default=127.5, help="pixel std of the model (default: 127.5)")
+    parser.add_argument("--log", default=None, help="log file (default: eval_onnx_<target>.log)")
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    from src.embedders import OnnxEmbedder
+    from src.evaluation import ResultLog
+    from src.ijb import evaluate_ijb
+
+    with ResultLog(args.log or f"eval_onnx_{args.target}.log") as log:
+        embedder = OnnxEmbedder(args.onnx_url, args.device_target, args.input_mean, args.input_std, log=log)
+        evaluate_ijb(embedder, args.image_path, args.target, args.batch_size, args.result_dir, job=args.job, log=log,
+                     progress=sys.stderr.isatty())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))

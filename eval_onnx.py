@@ -1,0 +1,46 @@
+"""Evaluate an ONNX model with ONNX Runtime on verification sets or IJB-B/C.
+
+Same protocol and output lines as val.py; only the embeddings come from ONNX Runtime. Works with
+the files written by export.py (dynamic batch, input `data`) and with third-party ArcFace ONNX
+models: the input name and a fixed batch are read from the model, the pixel normalisation is
+(x - --input_mean) / --input_std.
+
+  python eval_onnx.py --eval_url /data/eval --onnx_url arcface_r100.onnx --device_target GPU
+"""
+import argparse
+import sys
+
+from src.cli import run_main
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--eval_url", required=True, help="folder with the <target>.bin files (or an IJB folder)")
+    parser.add_argument("--onnx_url", required=True, help="ONNX model file")
+    parser.add_argument("--target", default="lfw,cfp_fp,agedb_30,calfw,cplfw",
+                        help="comma-separated set names, IJBB/IJBC for IJB (default: %(default)s)")
+    parser.add_argument("--batch_size", type=int, default=64, help="images per run (default: %(default)s)")
+    parser.add_argument("--nfolds", type=int, default=10, help="folds of the protocol (default: %(default)s)")
+    parser.add_argument("--device_target", default="CPU", choices=["GPU", "CPU"],
+                        help="GPU uses onnxruntime-gpu's CUDA provider when installed")
+    parser.add_argument("--input_mean", type=float, default=127.5, help="pixel mean of the model (default: 127.5)")
+    parser.add_argument("--input_std", type=float, default=127.5, help="pixel std of the model (default: 127.5)")
+    parser.add_argument("--log", default="eval_onnx.log", help="file the result lines are appended to")
+    parser.add_argument("--result_dir", default="ijb_results", help="IJB scores and ROC plot (default: %(default)s)")
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    from src.embedders import OnnxEmbedder
+    from src.evaluation import ResultLog, run_evaluation, split_targets
+
+    targets = split_targets(args.target)
+    with ResultLog(args.log) as log:
+        embedder = OnnxEmbedder(args.onnx_url, args.device_target, args.input_mean, args.input_std, log=log)
+        run_evaluation(embedder, args.eval_url, targets, args.batch_size, args.nfolds, log, args.result_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))

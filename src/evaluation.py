@@ -1,0 +1,65 @@
+"""The evaluation entry shared by val.py, eval_onnx.py, eval_ijbc_onnx.py and postprocess.py.
+
+Every caller provides an embedder (MindSpore network, MINDIR, ONNX Runtime session or
+precomputed features); the targets decide the protocol: `IJBB`/`IJBC` run the IJB 1:1
+verification on an `IJB_release/<target>` folder, any other name the 10-fold protocol on
+`<eval_url>/<name>.bin`.
+"""
+import os
+import sys
+
+from src.errors import ArcFaceError
+from src.ijb import TARGETS as IJB_TARGETS, evaluate_ijb
+from src.verification import verify_bins
+
+
+def split_targets(text):
+    targets = [t.strip() for t in text.split(",") if t.strip()]
+    if not targets:
+        raise ArcFaceError("--target names no set")
+    return targets
+
+
+class ResultLog:
+    """Lines to stdout and appended to a log file."""
+
+    def __init__(self, path):
+        self.path = path
+        if os.path.dirname(path):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+        self.file = open(path, "a", encoding="utf-8")
+
+    def __call__(self, line):
+        print(line, flush=True)
+        self.file.write(line + "\n")
+        self.file.flush()
+
+    def close(self):
+        self.file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def run_evaluation(embed_fn, eval_url, targets, batch_size, nfolds=10, log=print, result_dir="ijb_results",
+                   progress=None):
+    """Evaluate every target; returns {target: VerificationResult or {far: tar}}. A missing
+    verification set is reported and skipped; finding none at all is an error."""
+    if batch_size < 1:
+        raise ArcFaceError(f"--batch_size must be positive, got {batch_size}")
+    if not os.path.isdir(eval_url):
+        raise ArcFaceError(f"evaluation folder not found: {eval_url}")
+    progress = sys.stderr.isatty() if progress is None else progress
+    results = {}
+    bins = [t for t in targets if t.upper() not in IJB_TARGETS]
+    if bins:
+        results.update(verify_bins(embed_fn, eval_url, bins, batch_size, nfolds, log=log, progress=progress))
+    for target in (t for t in targets if t.upper() in IJB_TARGETS):
+        results[target] = evaluate_ijb(embed_fn, eval_url, target, batch_size, result_dir, log=log,
+                                       progress=progress)
+    if not results:
+        raise ArcFaceError(f"none of the sets {', '.join(targets)} was found in {eval_url}")
+    return results
