@@ -55,7 +55,12 @@ elif [ "${ARCFACE_NO_PIP_SEARCH:-0}" != "1" ]; then
 fi
 
 if [ -z "$MS_DIR" ]; then
-  die "no MindSpore C++ API found: MINDSPORE_PATH and LITE_HOME are unset and no pip-installed mindspore or mindspore-lite ships include/api/model.h.${notes:-}
+  if [ "${ARCFACE_NO_PIP_SEARCH:-0}" = "1" ]; then
+    searched="pip search skipped (ARCFACE_NO_PIP_SEARCH=1)"
+  else
+    searched="no pip-installed mindspore or mindspore-lite ships include/api/model.h"
+  fi
+  die "no MindSpore C++ API found: MINDSPORE_PATH and LITE_HOME are unset and $searched.${notes:-}
 The mindspore wheel ships no C++ API headers; use MindSpore Lite, for example:
   python3 -m pip download mindspore-lite==2.0.0 --no-deps --python-version 3.7 --only-binary=:all: -d /tmp/mslite
   unzip -q /tmp/mslite/mindspore_lite-2.0.0-*.whl -d /tmp/mslite/pkg
@@ -70,6 +75,6 @@ echo "build.sh: MindSpore C++ API from $MS_DIR (found via $FOUND_VIA)"
 BUILD_DIR="$HERE/out/build"
 mkdir -p "$BUILD_DIR"
 cmake -S "$HERE" -B "$BUILD_DIR" -DMINDSPORE_PATH="$MS_DIR" -DCMAKE_BUILD_TYPE=Release "$@"
-cmake --build "$BUILD_DIR" -- -j"$(nproc 2>/dev/null || echo 2)"
+cmake --build "$BUILD_DIR" --parallel "$(nproc 2>/dev/null || echo 2)"
 [ -x "$HERE/out/main" ] || die "the build finished but $HERE/out/main is missing"
 echo "build.sh: built $HERE/out/main"

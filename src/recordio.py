@@ -35,6 +35,7 @@ the idx file is an image.
 
 from __future__ import annotations
 
+import array
 import collections
 import math
 import os
@@ -55,6 +56,8 @@ __all__ = [
     "IndexedRecordWriter",
     "FaceRecordDataset",
     "write_face_dataset",
+    "scan_records",
+    "read_property",
 ]
 
 RECORD_MAGIC = 0xCED7230A
@@ -342,6 +345,48 @@ class IndexedRecordReader:
         is shorter), without reading the rest when the first physical piece suffices."""
         return self._read_logical(self.offset(key), key, limit=nbytes)
 
+    def payload_size(self, key: int) -> int:
+        """Length of the payload under ``key``, from the physical record headers only (the
+        payload itself is not read)."""
+        offset = self.offset(key)
+        if offset >= self._size:
+            raise ArcFaceError(
+                f"{self._where(offset, key)}: offset is past the end of the file ({self._size} bytes)"
+            )
+        total, pos, first = 0, offset, True
+        while True:
+            head = self._pread(_REC_HEAD.size, pos)
+            if len(head) < _REC_HEAD.size:
+                what = "multi-part record is missing its continuation" if not first else "truncated record header"
+                raise ArcFaceError(f"{self._where(offset, key)}: {what} at offset {pos} (file has {self._size} bytes)")
+            magic, lrecord = _REC_HEAD.unpack(head)
+            if magic != RECORD_MAGIC:
+                raise ArcFaceError(
+                    f"{self._where(offset, key)}: bad record magic 0x{magic:08x} at offset {pos} "
+                    f"(expected 0x{RECORD_MAGIC:08x}; wrong offset in the idx file or corrupt file?)"
+                )
+            cflag, length = lrecord >> _LENGTH_BITS, lrecord & _LENGTH_MASK
+            if pos + _REC_HEAD.size + length > self._size:
+                raise ArcFaceError(
+                    f"{self._where(offset, key)}: truncated record at offset {pos}: declares {length} "
+                    f"payload bytes but the file ends after {self._size - pos - _REC_HEAD.size}"
+                )
+            if first and cflag not in (_WHOLE, _FIRST):
+                raise ArcFaceError(
+                    f"{self._where(offset, key)}: record starts with a continuation piece (cflag {cflag}); "
+                    f"the idx offset does not point at the start of a record"
+                )
+            if not first and cflag not in (_MIDDLE, _LAST):
+                raise ArcFaceError(
+                    f"{self._where(offset, key)}: multi-part record is missing its continuation "
+                    f"(found a record with cflag {cflag} at offset {pos})"
+                )
+            total += length if first else 4 + length  # the reader re-inserts the magic between pieces
+            if cflag in (_WHOLE, _LAST):
+                return total
+            first = False
+            pos += _REC_HEAD.size + length + _pad4(length)
+
     def _where(self, offset: int, key) -> str:
         what = f"key {key} at offset {offset}" if key is not None else f"offset {offset}"
         return f"{self.rec_path}: {what}"
@@ -415,6 +460,72 @@ class IndexedRecordReader:
             got += 4 + len(data)
             if cflag == _LAST:
                 return b"".join(parts)
+
+
+def scan_records(rec_path: Union[str, os.PathLike]):
+    """Walk a ``.rec`` file from its first byte, independently of any index.
+
+    Yields ``(offset, payload_size, pieces)`` for every logical record, where ``offset`` is
+    where its first physical record starts. A bad magic, a truncated record, a continuation
+    piece without a start or a multi-part record cut short raise an ArcFaceError naming the
+    file and the offset.
+    """
+    rec_path = os.fspath(rec_path)
+    try:
+        f = open(rec_path, "rb")
+    except OSError as exc:
+        raise ArcFaceError(f"{rec_path}: cannot open record file: {exc.strerror}") from None
+    with f:
+        size = os.fstat(f.fileno()).st_size
+        pos = 0
+        start = None  # offset of the open multi-part record
+        total = pieces = 0
+        while pos < size:
+            f.seek(pos)
+            head = f.read(_REC_HEAD.size)
+            if len(head) < _REC_HEAD.size:
+                raise ArcFaceError(
+                    f"{rec_path}: offset {pos}: truncated record header ({size - pos} bytes left at the end "
+                    f"of the file)"
+                )
+            magic, lrecord = _REC_HEAD.unpack(head)
+            if magic != RECORD_MAGIC:
+                raise ArcFaceError(
+                    f"{rec_path}: offset {pos}: bad record magic 0x{magic:08x} (expected 0x{RECORD_MAGIC:08x})"
+                )
+            cflag, length = lrecord >> _LENGTH_BITS, lrecord & _LENGTH_MASK
+            end = pos + _REC_HEAD.size + length
+            if end > size:
+                raise ArcFaceError(
+                    f"{rec_path}: offset {pos}: truncated record: declares {length} payload bytes but the "
+                    f"file ends after {size - pos - _REC_HEAD.size}"
+                )
+            if cflag in (_WHOLE, _FIRST):
+                if start is not None:
+                    raise ArcFaceError(
+                        f"{rec_path}: offset {start}: multi-part record is missing its continuation "
+                        f"(found a record with cflag {cflag} at offset {pos})"
+                    )
+                if cflag == _WHOLE:
+                    yield pos, length, 1
+                else:
+                    start, total, pieces = pos, length, 1
+            else:
+                if start is None:
+                    raise ArcFaceError(
+                        f"{rec_path}: offset {pos}: continuation piece (cflag {cflag}) without a first piece"
+                    )
+                total += 4 + length
+                pieces += 1
+                if cflag == _LAST:
+                    yield start, total, pieces
+                    start = None
+            pos = end + _pad4(length)
+        if start is not None:
+            raise ArcFaceError(
+                f"{rec_path}: offset {start}: multi-part record is missing its continuation "
+                f"(end of file at offset {size})"
+            )
 
 
 # --------------------------------------------------------------------------------------------
@@ -513,7 +624,7 @@ class IndexedRecordWriter:
 # --------------------------------------------------------------------------------------------
 
 
-def _read_property(path: str) -> Tuple[int, Tuple[int, int]]:
+def read_property(path: str) -> Tuple[int, Tuple[int, int]]:
     """Parse a ``property`` file (``num_classes,height,width``)."""
     try:
         with open(path, "r", encoding="utf-8", errors="replace") as f:
@@ -585,7 +696,7 @@ class FaceRecordDataset:
 
         self.image_size: Optional[Tuple[int, int]] = None
         if self.property_path is not None:
-            self.num_classes, self.image_size = _read_property(self.property_path)
+            self.num_classes, self.image_size = read_property(self.property_path)
         else:
             labels = self.labels()
             if labels.size == 0:
@@ -642,6 +753,26 @@ class FaceRecordDataset:
             raise ArcFaceError(f"{where}: record has no image bytes")
         return image, label
 
+    def where(self, i: int) -> str:
+        """``<rec file>: key K at offset O`` of the i-th image, for messages."""
+        key = self.image_keys[i]
+        return f"{self.rec_path}: key {key} at offset {self.reader.offset(key)}"
+
+    def check_labels(self) -> None:
+        """Raise an ArcFaceError naming the first image (key and offset) whose label is not below
+        the class count of the ``property`` file. Negative or non-integer labels are rejected
+        while reading them."""
+        labels = self.labels()
+        if self.property_path is None or labels.size == 0:
+            return
+        bad = np.flatnonzero(labels >= self.num_classes)
+        if bad.size:
+            i = int(bad[0])
+            raise ArcFaceError(
+                f"{self.where(i)}: label {int(labels[i])} is out of range: {self.property_path} declares "
+                f"{self.num_classes} classes (labels 0..{self.num_classes - 1}); {bad.size} image(s) affected"
+            )
+
     def label_of(self, i: int) -> int:
         """Class id of the i-th image, reading only its record header."""
         key = self.image_keys[i]
@@ -683,40 +814,102 @@ def write_face_dataset(
 
     Uses the insightface layout: header record at key 0, images at keys ``1..N`` grouped by
     class (stable order within a class), then one identity record per class
-    ``0..num_classes-1`` (a class without images gets an empty key range). All samples are
-    held in memory to sort them, so this suits conversions of moderate size.
-    Returns the number of classes.
+    ``0..num_classes-1`` (a class without images gets an empty key range).
+
+    Samples are streamed to disk as they arrive, so input already ordered by class (an
+    ImageFolder walk, another record dataset) needs memory only for one label per image.
+    Unordered input is written in a first pass and reordered into the final file in a second
+    one. Files are written under temporary names and renamed at the end, so an interrupted
+    run never leaves a complete-looking dataset behind. Returns the number of classes.
     """
     folder = os.fspath(folder)
     os.makedirs(folder, exist_ok=True)
     h, w = (int(v) for v in image_size)
+    rec_path = os.path.join(folder, "train.rec")
+    idx_path = os.path.join(folder, "train.idx")
+    tmp = [os.path.join(folder, f".train.{name}.tmp") for name in ("rec", "idx", "pass1.rec", "pass1.idx")]
 
-    items = []
-    for n, (image, label) in enumerate(samples):
-        if isinstance(label, bool) or np.ndim(label) != 0:
-            raise ArcFaceError(f"{folder}: sample {n}: label {label!r} is not an integer class id")
-        class_id = _as_class_id(label, f"{folder}: sample {n}")
-        if class_id > _MAX_EXACT_FLOAT32:
-            # Labels are stored as float32, which holds integers exactly only up to 2**24.
-            raise ArcFaceError(f"{folder}: sample {n}: class id {class_id} is too large for a float32 label")
-        items.append((class_id, bytes(image)))
-    if not items:
-        raise ArcFaceError(f"{folder}: no samples to write")
-    items.sort(key=lambda item: item[0])  # stable: keeps the input order within a class
-    num_classes = items[-1][0] + 1
-    num_images = len(items)
-    first_identity = num_images + 1
+    def cleanup():
+        for path in tmp:
+            try:
+                os.remove(path)
+            except FileNotFoundError:
+                pass
 
-    with IndexedRecordWriter(os.path.join(folder, "train.rec"), os.path.join(folder, "train.idx")) as writer:
-        writer.write(0, pack_header([first_identity, first_identity + num_classes]))
-        starts = np.zeros(num_classes + 1, dtype=np.int64)  # per-class first image key
-        for key, (label, image) in enumerate(items, start=1):
-            writer.write(key, pack_header(float(label), id=key) + image)
-        counts = np.bincount([label for label, _ in items], minlength=num_classes)
-        starts[1:] = np.cumsum(counts)
-        starts += 1
-        for c in range(num_classes):
-            writer.write(first_identity + c, pack_header([int(starts[c]), int(starts[c + 1])]))
+    try:
+        labels = array.array("q")
+        ordered = True
+        with IndexedRecordWriter(tmp[0], tmp[1]) as writer:
+            writer.write(0, _header_placeholder())
+            for n, (image, label) in enumerate(samples):
+                class_id = _checked_class_id(label, f"{folder}: sample {n}")
+                if labels and class_id < labels[-1]:
+                    ordered = False
+                labels.append(class_id)
+                writer.write(n + 1, pack_header(float(class_id), id=n + 1) + bytes(image))
+            if not labels:
+                raise ArcFaceError(f"{folder}: no samples to write")
+            counts = np.bincount(np.asarray(labels, dtype=np.int64))
+            if ordered:
+                _write_identity_records(writer, counts)
+        if not ordered:
+            # Keys 1..N hold the samples in arrival order: reorder them by class into a new file.
+            os.replace(tmp[0], tmp[2])
+            os.replace(tmp[1], tmp[3])
+            order = np.argsort(np.asarray(labels, dtype=np.int64), kind="stable")
+            with IndexedRecordReader(tmp[2], tmp[3]) as reader, IndexedRecordWriter(tmp[0], tmp[1]) as writer:
+                writer.write(0, _header_placeholder())
+                for key, old in enumerate(order.tolist(), start=1):
+                    _, image = unpack_record(reader.read(old + 1), f"{tmp[2]}: key {old + 1}")
+                    writer.write(key, pack_header(float(labels[old]), id=key) + image)
+                _write_identity_records(writer, counts)
+        num_images, num_classes = len(labels), len(counts)
+        _patch_header(tmp[0], num_images, num_classes)
+        os.replace(tmp[1], idx_path)
+        os.replace(tmp[0], rec_path)
+    finally:
+        cleanup()
     with open(os.path.join(folder, "property"), "w", encoding="ascii") as f:
         f.write(f"{num_classes},{h},{w}\n")
     return num_classes
+
+
+def _checked_class_id(label, where: str) -> int:
+    if isinstance(label, bool) or np.ndim(label) != 0:
+        raise ArcFaceError(f"{where}: label {label!r} is not an integer class id")
+    class_id = _as_class_id(label, where)
+    if class_id > _MAX_EXACT_FLOAT32:
+        # Labels are stored as float32, which holds integers exactly only up to 2**24.
+        raise ArcFaceError(f"{where}: class id {class_id} is too large for a float32 label")
+    return class_id
+
+
+def _header_payload(num_images: int, num_classes: int) -> bytes:
+    first_identity = num_images + 1
+    return pack_header([first_identity, first_identity + num_classes])
+
+
+def _header_placeholder() -> bytes:
+    # Same size as the final header record: it is overwritten in place once the counts are known.
+    return _header_payload(0, 0)
+
+
+def _patch_header(rec_path: str, num_images: int, num_classes: int) -> None:
+    """Write the real header record over the placeholder at offset 0."""
+    payload = _header_payload(num_images, num_classes)
+    # Positive float32 labels and a flag of 2 never form the magic word, so the header is always
+    # one physical record of the placeholder's size.
+    assert len(_split_at_magic(payload)) == 1 and len(payload) == len(_header_placeholder())
+    with open(rec_path, "r+b") as f:
+        f.seek(_REC_HEAD.size)
+        f.write(payload)
+
+
+def _write_identity_records(writer: "IndexedRecordWriter", counts: np.ndarray) -> None:
+    """One record per class ``c`` with label ``[first_image_key, end_image_key)``."""
+    num_images = int(counts.sum())
+    ends = np.cumsum(counts) + 1
+    starts = ends - counts
+    first_identity = num_images + 1
+    for c in range(len(counts)):
+        writer.write(first_identity + c, pack_header([int(starts[c]), int(ends[c])]))

@@ -48,8 +48,12 @@ def setup(device_target="CPU", device_id=0, mode="graph", seed=None, distributed
         distributed = launched_distributed()
     try:
         if distributed:
-            # The launcher assigns one device per local worker; set_device takes no id then.
-            ms.set_device(device_target)
+            # msrun assigns one device per local worker (set_device takes no id then); a rank-table
+            # launch names each process's device in DEVICE_ID.
+            if device_target != "CPU" and os.environ.get("DEVICE_ID", "").isdigit():
+                ms.set_device(device_target, int(os.environ["DEVICE_ID"]))
+            else:
+                ms.set_device(device_target)
         else:
             ms.set_device(device_target, device_id)
     except (RuntimeError, ValueError) as exc:

@@ -90,6 +90,9 @@ def train(cfg):
         data_dir, output_dir = "/cache/data", "/cache/output"
         _modelarts_sync(cfg.data_url, data_dir)
     setup_logging(output_dir, main=rt.is_main)
+    if cfg.device_num > 1 and cfg.device_num != rt.group_size:
+        logger.warning(f"--device_num {cfg.device_num} but {rt.group_size} process(es) were launched: "
+                       f"using {rt.group_size}")
 
     source = open_source(data_dir)
     num_classes = resolve_num_classes(source, cfg.num_classes, data_dir)

@@ -91,7 +91,8 @@ bool BuildModelOrThrow(mindspore::Model *model, const std::string &mindir_path,
   mindspore::Status status = model->Build(mindir_path, mindspore::ModelType::kMindIR, context);
   if (status != mindspore::kSuccess) {
     *error = "cannot load or build MINDIR '" + mindir_path + "' on " + device_label + ": " + StatusText(status) +
-             " (is it a MINDIR exported by a MindSpore version this runtime supports?)";
+             " (the runtime's log above has the cause; a MINDIR exported by a newer MindSpore than the runtime"
+             " cannot be read)";
     return false;
   }
 #endif
@@ -105,7 +106,9 @@ bool BuildModel(mindspore::Model *model, const std::string &mindir_path,
   try {
     return BuildModelOrThrow(model, mindir_path, context, device_label, error);
   } catch (const std::exception &e) {
-    *error = "cannot load or build MINDIR '" + mindir_path + "' on " + device_label + ": " + e.what();
+    std::string what = e.what();
+    what = what.substr(0, what.find('\n'));  // drop the runtime's call stack
+    *error = "cannot load or build MINDIR '" + mindir_path + "' on " + device_label + ": " + what;
     return false;
   }
 }
