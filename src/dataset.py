@@ -10,12 +10,16 @@ feed a GeneratorDataset; MindRecord folders are read by MindSpore's own MindData
 the pipeline decodes, flips at random, normalises to (x - 127.5) / 127.5 and batches, with
 parallel workers, and shards by rank in distributed training.
 
-Undecodable images: with `skip_corrupt=False` a RecordIO/ImageFolder image that fails a cheap
-completeness check (format signature and end marker) and cannot be decoded by OpenCV stops
-training with an ArcFaceError naming the file and record; errors raised inside the pipeline
-arrive as MindSpore RuntimeErrors, which `checked_iterator` turns back into ArcFaceErrors. With
-`skip_corrupt=True` every image is decoded with OpenCV while loading and a bad one is replaced by
-another (logged once with its file and key).
+Undecodable images. Errors raised inside a MindSpore pipeline arrive as RuntimeErrors: iterate
+through `checked_iterator`, which turns them back into one-line ArcFaceErrors.
+- skip_corrupt=False: a RecordIO/ImageFolder image failing a cheap completeness check (format
+  signature and end marker; no decoding) that OpenCV cannot decode either stops training with an
+  ArcFaceError naming the file and the record key/offset. MindRecord folders are decoded by
+  MindSpore alone, with no Python per sample (src.mindrecord decoded every image when writing);
+  a decode failure there names the shard file and points at `datainfo --verify` for the key.
+- skip_corrupt=True: every image is decoded with OpenCV while loading (in worker threads) and a
+  bad one is replaced by another (the next one; for MindRecord the previous good one), logged
+  once with its file and key.
 """
 import logging
 import os
@@ -189,7 +193,7 @@ def mindrecord_files(path):
     return [os.path.join(path, n) for n in sorted(names, key=order)]
 
 
-def _mindspore_message(exc):
+def mindspore_message(exc):
     """The informative line of a MindSpore RuntimeError (its message is a framed report)."""
     text = str(exc)
     for line in text.splitlines():
@@ -224,7 +228,7 @@ class MindRecordSource:
             columns = probe.get_col_names()
             size = probe.get_dataset_size()
         except RuntimeError as exc:
-            raise ArcFaceError(f"{root}: cannot open the MindRecord files: {_mindspore_message(exc)}") from None
+            raise ArcFaceError(f"{root}: cannot open the MindRecord files: {mindspore_message(exc)}") from None
         missing = [c for c in ("image", "label") if c not in columns]
         if missing:
             raise ArcFaceError(f"{root}: the MindRecord files have no {' or '.join(missing)} column "
@@ -298,7 +302,7 @@ class MindRecordSource:
                 key = int(values[1]) if self.has_key else row
                 yield key, data, label
         except RuntimeError as exc:
-            raise ArcFaceError(f"{self.root}: cannot read the MindRecord files: {_mindspore_message(exc)}") from None
+            raise ArcFaceError(f"{self.root}: cannot read the MindRecord files: {mindspore_message(exc)}") from None
 
     def where(self, key):
         return f"{self.root}: MindRecord key {key}"
@@ -392,8 +396,8 @@ class _Samples:
             data, label = self.source[index]
             reason = image_problem(data)
             if reason is not None:
-                raise ArcFaceError(f"{source_where(self.source, index)}: {reason}; train with skip_corrupt "
-                                   f"to skip such images, or list them all with python -m src.datainfo --verify")
+                raise ArcFaceError(f"{source_where(self.source, index)}: {reason}; train with --skip_corrupt to "
+                                   f"skip such images, or list them all with python -m src.datainfo --verify")
             return np.frombuffer(data, dtype=np.uint8), np.int32(label)
         n = len(self.source)
         for step in range(min(n, _MAX_SUBSTITUTES)):
@@ -408,9 +412,8 @@ class _Samples:
                 image, reason = None, str(exc)
             if image is not None:
                 return image, np.int32(label)
-            if j not in self._bad:
-                self._bad.add(j)
-                logger.warning(f"skipping a corrupt image: {source_where(self.source, j)}: {reason}")
+            self._bad.add(j)
+            logger.warning(f"skipping a corrupt image: {source_where(self.source, j)}: {reason}")
         raise ArcFaceError(f"no decodable image among {min(n, _MAX_SUBSTITUTES)} images from "
                            f"{source_where(self.source, index)} on")
 
@@ -534,8 +537,8 @@ def pipeline_error(exc):
     if "Decode" in text and "failed" in text:
         match = _DATA_FILE.search(text)
         where = match.group(1) if match else "the training data"
-        return ArcFaceError(f"{where}: an image cannot be decoded ({_mindspore_message(exc)}); list the bad "
-                            f"records with python -m src.datainfo --verify DIR, or train with skip_corrupt")
+        return ArcFaceError(f"{where}: an image cannot be decoded ({mindspore_message(exc)}); list the bad "
+                            f"records with python -m src.datainfo --verify DIR, or train with --skip_corrupt")
     return None
 
 
@@ -548,3 +551,28 @@ def checked_iterator(iterator):
         if error is None:
             raise
         raise error from None
+
+
+def parallel_map(func, items, workers):
+    """func(item) for every item in `workers` threads, yielding results in input order with a
+    bounded number in flight (for I/O and for OpenCV, which releases the GIL). An exception
+    cancels the items not started yet and propagates."""
+    if workers <= 1:
+        for item in items:
+            yield func(item)
+        return
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        pending = deque()
+        try:
+            for item in items:
+                pending.append(pool.submit(func, item))
+                if len(pending) >= 4 * workers:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for future in pending:
+                future.cancel()

@@ -63,7 +63,7 @@ import mindspore as ms
 from mindspore import nn, ops, Parameter, Tensor
 
 from src.callbacks import CheckpointSaver
-from src.checkpoint import checkpoint_name, read_checkpoint, save_checkpoint_atomic
+from src.checkpoint import CKPT_PREFIX, checkpoint_name, read_checkpoint, save_checkpoint_atomic
 from src.errors import ArcFaceError
 from src.loss import COS_CLAMP, l2_normalize
 
@@ -101,11 +101,10 @@ def num_sampled_centres(local_classes, sample_rate, global_batch):
     return min(local_classes, max(wanted, global_batch))
 
 
-def init_centres(num_rows_start, num_rows_stop, embedding_size, seed=0, sigma=0.01):
+def init_centres(start, stop, embedding_size, seed=0, sigma=0.01):
     """N(0, sigma) rows [start, stop) of the full (num_classes, D) initial weight. Rows are drawn
     in fixed blocks of INIT_BLOCK classes, block b from seed (seed, b), so the initial full weight
     is the same whatever the number of ranks and each rank draws only about its own rows."""
-    start, stop = num_rows_start, num_rows_stop
     out = np.empty((stop - start, embedding_size), np.float32)
     for block in range(start // INIT_BLOCK, (stop - 1) // INIT_BLOCK + 1):
         rows = np.random.default_rng([seed, block]).standard_normal((INIT_BLOCK, embedding_size),
@@ -178,7 +177,7 @@ class PartialFCHead(nn.Cell):
         self.local_classes = self.class_stop - self.class_start
         self.s, self.m1, self.m2, self.m3 = float(s), float(m1), float(m2), float(m3)
         self.has_angular_margin = not (math.isclose(m1, 1.0) and math.isclose(m2, 0.0))
-        num_sampled_centres(self.local_classes, sample_rate, 1)  # validates sample_rate
+        self.min_sampled = num_sampled_centres(self.local_classes, sample_rate, 1)  # also validates it
         self.sample_rate = float(sample_rate)
         self.sampling = self.sample_rate < 1.0
         self.grad_scale = 1.0 / self.world_size
@@ -208,7 +207,7 @@ class PartialFCHead(nn.Cell):
         """Indices (k,) of the local centres used this step: every local class present in the global
         batch plus random others; k = num_sampled_centres(...). `local_labels` are the global labels
         minus class_start (out-of-shard labels lie outside [0, local_classes))."""
-        num = num_sampled_centres(self.local_classes, self.sample_rate, local_labels.shape[0])
+        num = min(self.local_classes, max(self.min_sampled, local_labels.shape[0]))  # num_sampled_centres
         in_shard = ops.logical_and(local_labels >= 0, local_labels < self.local_classes)
         rows = ops.clamp(local_labels, 0, self.local_classes - 1).reshape(-1, 1)
         hits = ops.scatter_nd(rows, ops.cast(in_shard, ms.float32), (self.local_classes,))
@@ -366,3 +365,200 @@ def build_partial_fc_train_step(net, optimizer, fp16=False):
         scale = nn.DynamicLossScaleUpdateCell(loss_scale_value=2.0 ** 16, scale_factor=2, scale_window=2000)
         return PartialFCTrainStep(net, optimizer, scale_sense=scale)
     return PartialFCTrainStep(net, optimizer)
+
+
+# --- checkpoints ----------------------------------------------------------------------------------
+
+def shard_path(checkpoint_path, rank, world_size):
+    """`ArcFace-3_100.ckpt` -> `ArcFace-3_100.head-r<rank>of<world_size>.ckpt` (same folder)."""
+    stem = checkpoint_path[:-len(".ckpt")] if checkpoint_path.endswith(".ckpt") else checkpoint_path
+    return f"{stem}.head-r{rank}of{world_size}.ckpt"
+
+
+def find_head_shards(checkpoint_path):
+    """{world_size: {rank: path}} of the shard files written next to `checkpoint_path`."""
+    stem = checkpoint_path[:-len(".ckpt")] if checkpoint_path.endswith(".ckpt") else checkpoint_path
+    found = {}
+    for path in glob.glob(glob.escape(stem) + ".head-r*of*.ckpt"):
+        match = _SHARD_RE.search(path)
+        if match and path[:match.start()] == stem:
+            found.setdefault(int(match.group(2)), {})[int(match.group(1))] = path
+    return found
+
+
+def head_state_names(train_cell, head):
+    """Names of the sharded state in `train_cell`: the head's weight and the optimizer slots of it
+    (for nn.SGD `accum.head.weight` and `stat.head.weight`)."""
+    own = head_parameter_names(head)
+    return sorted(p.name for p in train_cell.get_parameters()
+                  if p.name in own or any(p.name.endswith("." + name) for name in own))
+
+
+def save_head_shard(train_cell, head, path, meta=None):
+    """Write this rank's head state (weight + optimizer slots) and its class range to `path`."""
+    params = {p.name: p for p in train_cell.get_parameters()}
+    entries = [{"name": name, "data": params[name]} for name in head_state_names(train_cell, head)]
+    info = {SHARD_META_PREFIX + key: getattr(head, key) for key in SHARD_META}
+    info.update(meta or {})
+    save_checkpoint_atomic(entries, path, info)
+
+
+def _as_numpy(value):
+    return value.asnumpy() if hasattr(value, "asnumpy") else np.asarray(value)
+
+
+def read_head_shard(source):
+    """(arrays {name: ndarray}, info {class_start, class_stop, num_classes, rank, world_size}) of a
+    shard file or of the dict ms.load_checkpoint returned for one."""
+    if isinstance(source, (str, os.PathLike)):
+        if not os.path.isfile(source):
+            raise ArcFaceError(f"head shard not found: {source}")
+        try:
+            source = ms.load_checkpoint(str(source))
+        except (ValueError, RuntimeError, OSError) as exc:
+            raise ArcFaceError(f"cannot read head shard: {str(exc).splitlines()[0]}") from None
+    arrays, info = {}, {}
+    for key, value in source.items():
+        if key.startswith("meta_" + SHARD_META_PREFIX):
+            info[key[len("meta_" + SHARD_META_PREFIX):]] = int(_as_numpy(value))
+        elif not key.startswith("meta_"):
+            arrays[key] = _as_numpy(value)
+    missing = [key for key in SHARD_META if key not in info]
+    if missing:
+        raise ArcFaceError(f"not a Partial FC head shard (no {', '.join(missing)})")
+    return arrays, info
+
+
+def _complete(shards, what):
+    """Check that the shards' class ranges tile [0, num_classes) exactly; return them sorted."""
+    shards = sorted(shards, key=lambda shard: shard[1]["class_start"])
+    if not shards:
+        raise ArcFaceError(f"{what}: no head shards")
+    num_classes = shards[0][1]["num_classes"]
+    expected = 0
+    for _, info in shards:
+        if info["num_classes"] != num_classes or info["class_start"] != expected:
+            raise ArcFaceError(f"{what}: head shards do not tile the {num_classes} classes (gap or overlap "
+                               f"at class {expected}; shards of different runs or a missing rank?)")
+        expected = info["class_stop"]
+    if expected != num_classes:
+        raise ArcFaceError(f"{what}: head shards cover classes [0, {expected}) of {num_classes}")
+    return shards
+
+
+def merge_head_shards(sources, name=HEAD_PARAM):
+    """Full (num_classes, D) array of `name` (the head weight, or an optimizer slot such as
+    `accum.head.weight`) from the shards of all ranks: paths or ms.load_checkpoint dicts, any order."""
+    shards = _complete([read_head_shard(source) for source in sources], "merge_head_shards")
+    for arrays, info in shards:
+        if name not in arrays:
+            raise ArcFaceError(f"head shard of rank {info['rank']} has no {name}")
+    return np.concatenate([arrays[name] for arrays, _ in shards], axis=0)
+
+
+def load_head_shard(train_cell, head, checkpoint_path):
+    """Load this rank's rows of the head state from the shard files of `checkpoint_path`. Shards of
+    any world size can be read (each rank takes the rows of its own range), so a run can also be
+    resumed on another number of ranks."""
+    sets = find_head_shards(checkpoint_path)
+    complete = {world: ranks for world, ranks in sets.items() if len(ranks) == world}
+    if not complete:
+        raise ArcFaceError(f"no complete set of Partial FC head shards next to {checkpoint_path} "
+                           f"(expected {os.path.basename(shard_path(checkpoint_path, 0, head.world_size))} ...)")
+    world = head.world_size if head.world_size in complete else max(complete)
+    params = {p.name: p for p in train_cell.get_parameters()}
+    names = head_state_names(train_cell, head)
+    rows = {name: [] for name in names}
+    infos = []
+    for rank in range(world):
+        start, stop = class_range(head.num_classes, rank, world)
+        if stop <= head.class_start or start >= head.class_stop:
+            continue
+        arrays, info = read_head_shard(complete[world][rank])
+        if info["num_classes"] != head.num_classes or (info["class_start"], info["class_stop"]) != (start, stop):
+            raise ArcFaceError(f"{complete[world][rank]}: classes [{info['class_start']}, {info['class_stop']}) "
+                               f"of {info['num_classes']}, expected [{start}, {stop}) of {head.num_classes} "
+                               f"(another --num_classes?)")
+        lo, hi = max(start, head.class_start) - start, min(stop, head.class_stop) - start
+        for name in names:
+            if name not in arrays:
+                raise ArcFaceError(f"{complete[world][rank]} has no {name} (another optimizer?)")
+            rows[name].append(arrays[name][lo:hi])
+        infos.append(info)
+    for name in names:
+        value = np.concatenate(rows[name], axis=0)
+        if value.shape != tuple(params[name].shape):
+            raise ArcFaceError(f"head shards give {name} the shape {value.shape}, this model has "
+                               f"{tuple(params[name].shape)} (another --num_features?)")
+        params[name].set_data(Tensor(value, params[name].dtype))
+    return world
+
+
+def load_partial_fc_train_state(train_cell, head, path):
+    """--resume for Partial FC: backbone, optimizer and step from the checkpoint `path` (saved by
+    rank 0, whose own head shard it also holds and which is ignored here), this rank's head state
+    from the shard files next to it. Returns the meta dict like checkpoint.load_train_state."""
+    from src.checkpoint import NOT_RESTORED
+    params, meta = read_checkpoint(path)
+    if "global_step" not in meta:
+        raise ArcFaceError(f"{path} is not a training checkpoint of this project (no global_step)")
+    sharded = set(head_state_names(train_cell, head))
+    params = {k: v for k, v in params.items() if k not in sharded and not k.endswith(NOT_RESTORED)}
+    for param in train_cell.get_parameters():
+        if param.name in params and tuple(params[param.name].shape) != tuple(param.shape):
+            raise ArcFaceError(f"checkpoint {path} does not fit this model: {param.name} has shape "
+                               f"{tuple(params[param.name].shape)} there and {tuple(param.shape)} here")
+    missing = [p.name for p in train_cell.get_parameters()
+               if p.name not in params and p.name not in sharded and not p.name.endswith(NOT_RESTORED)]
+    if missing:
+        raise ArcFaceError(f"checkpoint {path} lacks {len(missing)} parameter(s) of this model, e.g. {missing[0]}")
+    ms.load_param_into_net(train_cell, params)
+    load_head_shard(train_cell, head, path)
+    return meta
+
+
+def export_merged_checkpoint(checkpoint_path, out_path):
+    """A single-device checkpoint from a Partial FC one: everything of `checkpoint_path` with the
+    sharded entries replaced by their merged (num_classes, D) arrays. It loads like any checkpoint
+    of a plain (CombinedMarginHead) run: evaluation, export, --ckpt_url, even --resume on one
+    device. Returns the number of classes."""
+    params, meta = read_checkpoint(checkpoint_path)
+    sets = find_head_shards(checkpoint_path)
+    complete = [ranks for world, ranks in sorted(sets.items()) if len(ranks) == world]
+    if not complete:
+        raise ArcFaceError(f"no complete set of Partial FC head shards next to {checkpoint_path}")
+    shards = [ms.load_checkpoint(path) for _, path in sorted(complete[-1].items())]
+    names = sorted(read_head_shard(shards[0])[0])
+    entries = [{"name": key, "data": value} for key, value in params.items() if key not in names]
+    for name in names:
+        entries.append({"name": name, "data": Tensor(merge_head_shards(shards, name))})
+    save_checkpoint_atomic(entries, out_path, meta)
+    return read_head_shard(shards[0])[1]["num_classes"]
+
+
+class HeadShardSaver(CheckpointSaver):
+    """Run on *every* rank next to rank 0's CheckpointSaver (same interval and keep): writes this
+    rank's head shard for each checkpoint, `ArcFace-<epoch>_<step>.head-r<rank>of<world>.ckpt`,
+    and keeps the newest `keep` of its own shards."""
+
+    def __init__(self, cell, head, directory, interval=0, keep=5):  # pylint: disable=super-init-not-called
+        self.cell, self.head, self.directory, self.interval, self.keep = cell, head, directory, interval, keep
+        self.last_saved_step = None
+        os.makedirs(directory, exist_ok=True)
+
+    def save(self, s):
+        if self.last_saved_step == s.global_step:
+            return
+        main = os.path.join(self.directory, checkpoint_name(s.epoch, s.step_in_epoch))
+        path = shard_path(main, self.head.rank, self.head.world_size)
+        save_head_shard(self.cell, self.head, path, {"epoch": s.epoch, "step_in_epoch": s.step_in_epoch,
+                                                     "global_step": s.global_step})
+        self.last_saved_step = s.global_step
+        suffix = f".head-r{self.head.rank}of{self.head.world_size}.ckpt"
+        own = []
+        for other in glob.glob(os.path.join(glob.escape(self.directory), f"{CKPT_PREFIX}-*{suffix}")):
+            match = re.match(rf"^{CKPT_PREFIX}-(\d+)_(\d+)" + re.escape(suffix) + "$", os.path.basename(other))
+            if match:
+                own.append((int(match.group(1)), int(match.group(2)), other))
+        for _, _, old in sorted(own)[:-self.keep]:
+            os.remove(old)

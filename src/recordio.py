@@ -310,6 +310,10 @@ class IndexedRecordReader:
     def __len__(self) -> int:
         return len(self._keys)
 
+    def index_arrays(self) -> Tuple[np.ndarray, np.ndarray]:
+        """(keys, offsets) of the idx file as int64 arrays, in file order."""
+        return self._keys.copy(), self._offsets.copy()
+
     def __contains__(self, key) -> bool:
         return self._position(key) is not None
 
@@ -472,17 +476,20 @@ def scan_records(rec_path: Union[str, os.PathLike]):
     """
     rec_path = os.fspath(rec_path)
     try:
-        f = open(rec_path, "rb")
+        fd = os.open(rec_path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
     except OSError as exc:
         raise ArcFaceError(f"{rec_path}: cannot open record file: {exc.strerror}") from None
-    with f:
-        size = os.fstat(f.fileno()).st_size
+    with os.fdopen(fd, "rb", buffering=0) as f:
+        size = os.fstat(fd).st_size
         pos = 0
         start = None  # offset of the open multi-part record
         total = pieces = 0
         while pos < size:
-            f.seek(pos)
-            head = f.read(_REC_HEAD.size)
+            if hasattr(os, "pread"):
+                head = os.pread(fd, _REC_HEAD.size, pos)
+            else:
+                f.seek(pos)
+                head = f.read(_REC_HEAD.size)
             if len(head) < _REC_HEAD.size:
                 raise ArcFaceError(
                     f"{rec_path}: offset {pos}: truncated record header ({size - pos} bytes left at the end "

@@ -132,8 +132,12 @@ def test_build_sh_reports_pip_installs_without_headers(tmp_path):
     fake_python.chmod(0o755)
     env = _env(MINDSPORE_PATH="", LITE_HOME="", PYTHON=str(fake_python))
     env.pop("ARCFACE_NO_PIP_SEARCH", None)
-    done = _run(["bash", APP / "build.sh"], env=env)
+    script = tmp_path / "app" / "build.sh"  # away from the repository's .venv, which is searched too
+    script.parent.mkdir()
+    shutil.copy(APP / "build.sh", script)
+    done = _run(["bash", script], env=env)
     assert done.returncode != 0
+    assert "no MindSpore C++ API found" in done.stderr
     assert f"mindspore installed at {site}/mindspore (for {fake_python}) has no include/api/model.h" in done.stderr
 
 

@@ -1,23 +1,12 @@
 """Tests for src.backbones: parameter counts, forward passes, fp16 casting and name handling."""
 
-import os
-import sys
-from pathlib import Path
+import mindspore as ms
+import numpy as np
+import pytest
+from mindspore import nn
 
-# Must be set before MindSpore's CPU kernels load: without it oneDNN convolutions are far slower.
-os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX2")
-
-_ROOT = str(Path(__file__).resolve().parents[1])
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
-
-import mindspore as ms  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-from mindspore import nn  # noqa: E402
-
-from src.backbones import BACKBONES, canonical_name, get_backbone  # noqa: E402
-from src.errors import ArcFaceError  # noqa: E402
+from src.backbones import BACKBONES, canonical_name, get_backbone
+from src.errors import ArcFaceError
 
 ms.set_device("CPU")
 

@@ -2,14 +2,17 @@
 import numpy as np
 import pytest
 
-import src.runtime  # noqa: F401  (CPU settings before MindSpore runs)
 import mindspore as ms
 from mindspore import Tensor
 
 from src.loss import CombinedMarginHead
 from src.config import MARGINS
 
-ms.set_context(mode=ms.PYNATIVE_MODE)
+
+
+@pytest.fixture(autouse=True)
+def pynative():
+    ms.set_context(mode=ms.PYNATIVE_MODE)
 
 
 def numpy_loss(emb, weight, labels, s, m1, m2, m3):

@@ -17,7 +17,7 @@ def run_script(name, args, cwd, **env):
 
 @pytest.mark.parametrize("name", ["run_eval.sh", "run_eval_ijbc.sh", "run_eval_onnx.sh", "run_eval_ijbc_onnx.sh",
                                   "run_standalone_train.sh", "run_distribute_train.sh",
-                                  "run_distribute_train_gpu.sh", "run_distribute_train_cpu.sh"])
+                                  "run_distribute_train_gpu.sh", "run_distribute_train_cpu.sh", "run_310_infer.sh"])
 def test_usage_without_arguments(name, tmp_path):
     result = run_script(name, [], tmp_path)
     assert result.returncode == 2 and "usage: bash" in result.stderr

@@ -73,8 +73,8 @@ std::shared_ptr<mindspore::Context> MakeContext(const std::string &device, int d
 
 // Loads the MINDIR and builds it for the context's device; on failure `error` says which step failed.
 bool BuildModelOrThrow(mindspore::Model *model, const std::string &mindir_path,
-                const std::shared_ptr<mindspore::Context> &context, const std::string &device_label,
-                std::string *error) {
+                       const std::shared_ptr<mindspore::Context> &context, const std::string &device_label,
+                       std::string *error) {
 #ifdef ARCFACE_BUILD_FROM_GRAPH_CELL
   mindspore::Graph graph;
   mindspore::Status status = mindspore::Serialization::Load(mindir_path, mindspore::ModelType::kMindIR, &graph);

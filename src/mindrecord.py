@@ -1,0 +1,194 @@
+"""Convert a RecordIO folder or an ImageFolder into MindRecord, MindSpore's native format.
+
+Writes <output>/train.mindrecord0 .. train.mindrecord<N-1> (--shards N; MindSpore zero-pads
+the number when N > 10) with their .db index files, plus
+  property          num_classes,height,width (as in insightface RecordIO folders)
+  class_counts.npy  number of images of each label (int64), read by training instead of
+                    scanning millions of rows for their labels
+Schema: image (bytes: the encoded image exactly as stored in the input), label (int32) and
+key (int64: the RecordIO key, or the image's position in ImageFolder order). Rows are stored in
+label order. Every image is decoded with OpenCV before it is written and must have the size
+of the first one, so training can decode inside MindSpore without Python in the loop.
+
+Train on the result with --data_url <output> (the folder is recognised by its
+*.mindrecord* files).
+
+  python -m src.mindrecord --input /data/faces_emore --output /data/faces_emore_mindrecord --shards 8
+"""
+import argparse
+import glob
+import os
+import shutil
+import sys
+import time
+
+if not __package__:  # run as a script: make `src` importable from the repository root
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from src.cli import run_main  # noqa: E402
+from src.dataset import (CLASS_COUNTS_NAME, MINDRECORD_NAME, mindspore_message, check_image_bytes,  # noqa: E402
+                         detect_kind, open_source, parallel_map, resolve_num_classes, source_where)
+from src.errors import ArcFaceError  # noqa: E402
+
+SCHEMA = {"image": {"type": "bytes"}, "label": {"type": "int32"}, "key": {"type": "int64"}}
+ROWS_PER_WRITE = 256
+
+
+def _image_key(source, i):
+    keys = getattr(source, "image_keys", None)
+    return int(keys[i]) if keys is not None else int(i)
+
+
+SMALL_INPUT = 32 << 20
+
+
+def _pow2_at_least(n):
+    return 1 << (int(n) - 1).bit_length()
+
+
+def _input_bytes(source, kind):
+    """(total bytes of the input, largest single image or an upper bound) for sizing pages; the
+    total is only exact for small inputs, which is all it is used for."""
+    if kind == "recordio":
+        total = os.path.getsize(source.rec_path)
+        return total, total  # an image cannot be larger than the whole file
+    total = largest = 0
+    for path in source.files:
+        size = os.path.getsize(path)
+        total += size
+        largest = max(largest, size)
+        if total >= SMALL_INPUT:
+            break
+    return total, largest
+
+
+def _existing_outputs(output):
+    names = glob.glob(os.path.join(glob.escape(output), "*.mindrecord*"))
+    return names + [p for p in (os.path.join(output, "property"), os.path.join(output, CLASS_COUNTS_NAME))
+                    if os.path.exists(p)]
+
+
+def convert(input_dir, output, shards=1, workers=4, skip_bad=False, overwrite=False, progress=None):
+    """Convert; returns a summary dict (identities, images, bad, files, bytes, seconds, output)."""
+    from mindspore.mindrecord import FileWriter
+    from mindspore.mindrecord.common.exceptions import MindRecordException
+
+    start = time.time()
+    kind = detect_kind(input_dir)
+    if kind == "mindrecord":
+        raise ArcFaceError(f"{input_dir} is already a MindRecord folder")
+    if os.path.abspath(input_dir) == os.path.abspath(output):
+        raise ArcFaceError("--output must differ from --input")
+    if not 1 <= shards <= 1000:
+        raise ArcFaceError(f"--shards {shards}: must be between 1 and 1000")
+    existing = _existing_outputs(output) if os.path.isdir(output) else []
+    if existing and not overwrite:
+        raise ArcFaceError(f"{output} already holds MindRecord output ({os.path.basename(existing[0])}): "
+                           f"pass --overwrite to replace it")
+    source = open_source(input_dir)
+    labels = source.labels()
+    num_classes = resolve_num_classes(source, 0, input_dir)
+    order = np.argsort(labels, kind="stable")  # MindRecordSource expects rows in label order
+    shards = min(shards, len(source))
+
+    first_size = []  # (h, w) of the first usable image: every other one must match
+
+    def load(i):
+        data, label = source[i]
+        image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data else None
+        if image is None:
+            return i, data, label, check_image_bytes(data) or "cannot be decoded", None
+        return i, data, label, None, image.shape[:2]
+
+    os.makedirs(output, exist_ok=True)
+    tmp = os.path.join(output, ".mindrecord.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    name = os.path.join(tmp, MINDRECORD_NAME + ("0" if shards == 1 else ""))
+    counts = np.zeros(num_classes, dtype=np.int64)
+    image_bytes = [0]
+    bad = []
+    try:
+        writer = FileWriter(name, shard_num=shards, overwrite=True)
+        total, largest = _input_bytes(source, kind)
+        if total < SMALL_INPUT:
+            # MindSpore's default 32 MB pages and 16 MB header would make every shard of a small set
+            # at least 48 MB (sparse, but not once copied): size them to the data instead.
+            writer.set_page_size(_pow2_at_least(max(2 * largest, total // shards + largest, 32 << 10)))
+            writer.set_header_size(64 << 10)
+        writer.add_schema(SCHEMA, "arcface face images")
+        writer.add_index(["label"])
+        rows = []
+        with tqdm(total=len(source), unit="img", disable=progress, desc="mindrecord") as bar:
+            for i, data, label, reason, size in parallel_map(load, order.tolist(), workers):
+                bar.update(1)
+                if reason is None and first_size and size != first_size[0]:
+                    reason = f"is {size[1]}x{size[0]} but the first image is {first_size[0][1]}x{first_size[0][0]}"
+                if reason is not None:
+                    if not skip_bad:
+                        raise ArcFaceError(f"{source_where(source, i)}: {reason} (use --skip_bad to skip such images)")
+                    bad.append((source_where(source, i), reason))
+                    continue
+                if not first_size:
+                    first_size.append(size)
+                rows.append({"image": bytes(data), "label": int(label), "key": _image_key(source, i)})
+                counts[label] += 1
+                image_bytes[0] += len(data)
+                if len(rows) == ROWS_PER_WRITE:
+                    writer.write_raw_data(rows)
+                    rows = []
+        if not first_size:
+            raise ArcFaceError(f"{input_dir}: no usable image (all {len(bad)} were skipped as bad)")
+        if rows:
+            writer.write_raw_data(rows)
+        writer.commit()
+        for path in _existing_outputs(output):
+            os.remove(path)
+        files = sorted(os.listdir(tmp))
+        for f in files:  # shard names are recorded without their folder: moving them is safe
+            os.replace(os.path.join(tmp, f), os.path.join(output, f))
+    except (RuntimeError, MindRecordException) as exc:  # MindSpore writer errors (full disk, permissions, ...)
+        raise ArcFaceError(f"{output}: writing MindRecord failed: {mindspore_message(exc)}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    np.save(os.path.join(output, CLASS_COUNTS_NAME), counts)
+    h, w = first_size[0]
+    with open(os.path.join(output, "property"), "w", encoding="ascii") as fh:
+        fh.write(f"{num_classes},{h},{w}\n")
+    for where, reason in bad:
+        print(f"warning: skipped {where}: {reason}", file=sys.stderr)
+    shard_files = [f for f in files if not f.endswith(".db")]
+    return {"identities": int((counts > 0).sum()), "num_classes": num_classes, "images": int(counts.sum()),
+            "bad": len(bad), "files": shard_files, "bytes": image_bytes[0],
+            "seconds": time.time() - start, "output": output, "kind": kind}
+
+
+def summary_line(s):
+    line = (f"{s['kind']} -> MindRecord: {s['images']} images of {s['identities']} identities "
+            f"({s['num_classes']} classes) in {len(s['files'])} shard(s) under {s['output']} "
+            f"({s['bytes'] / 2**20:.1f} MB of images, {s['seconds']:.1f} s)")
+    return line + (f", {s['bad']} bad images skipped" if s["bad"] else "")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input", required=True, help="RecordIO folder (train.rec/train.idx) or ImageFolder")
+    parser.add_argument("--output", required=True, help="folder for the MindRecord shards, property, class_counts.npy")
+    parser.add_argument("--shards", type=int, default=1, help="number of MindRecord files (default 1)")
+    parser.add_argument("--workers", type=int, default=4, help="decoding threads for validation (default 4)")
+    parser.add_argument("--skip_bad", action="store_true",
+                        help="skip undecodable images or images of another size (listed at the end)")
+    parser.add_argument("--overwrite", action="store_true", help="replace MindRecord output already in --output")
+    args = parser.parse_args(argv)
+    if args.workers < 1:
+        parser.error("--workers must be at least 1")
+    print(summary_line(convert(args.input, args.output, args.shards, args.workers, args.skip_bad, args.overwrite)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))

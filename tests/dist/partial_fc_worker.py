@@ -1,0 +1,135 @@
+"""One rank of the Partial FC tests, launched by msrun (see tests/test_partial_fc.py).
+
+    msrun --worker_num=2 ... partial_fc_worker.py DIR
+
+DIR holds the inputs written by the test (`config.json`, `x.npy` (steps, world, batch, in),
+`y.npy` (steps, world, batch), `dense_w.npy`, `dense_b.npy`, `head_w.npy`, `y_sampled.npy`); this
+script writes its results to DIR/rank<r>/ as .npy files and DIR/rank<r>/done when it finished.
+The "backbone" is a Dense layer (no BatchNorm, so the per-rank computation is exactly that of the
+combined batch).
+"""
+import json
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, ROOT)
+
+from src import runtime  # noqa: E402  (sets the CPU environment before MindSpore starts)
+
+import numpy as np  # noqa: E402
+import mindspore as ms  # noqa: E402
+from mindspore import nn, ops, Tensor  # noqa: E402
+
+from src.callbacks import CheckpointSaver, StepState  # noqa: E402
+from src.checkpoint import checkpoint_name  # noqa: E402
+from src.partial_fc import (HeadShardSaver, PartialFCHead, SampledCentres,  # noqa: E402
+                            build_partial_fc_train_step, load_partial_fc_train_state, split_head)
+from src.trainer import BackboneWithHead  # noqa: E402
+
+
+class Barrier(nn.Cell):
+    def __init__(self):
+        super().__init__()
+        self.all_reduce = ops.AllReduce()
+
+    def construct(self, x):
+        return self.all_reduce(x)
+
+
+def build(cfg, rank, world, dense_w, dense_b, head_w, sample_rate=1.0, num_classes=None, fp16=False):
+    backbone = nn.Dense(dense_w.shape[1], dense_w.shape[0])
+    backbone.weight.set_data(Tensor(dense_w))
+    backbone.bias.set_data(Tensor(dense_b))
+    head = PartialFCHead(num_classes or head_w.shape[0], dense_w.shape[0], cfg["s"], *cfg["margins"],
+                         sample_rate=sample_rate, rank=rank, world_size=world, seed=cfg["seed"])
+    if head_w is not None:
+        head.weight.set_data(Tensor(split_head(head_w, rank, world)))
+    net = BackboneWithHead(backbone, head)
+    optimizer = nn.SGD(net.trainable_params(), learning_rate=cfg["lr"], momentum=cfg["momentum"],
+                       weight_decay=cfg["weight_decay"])
+    return net, head, build_partial_fc_train_step(net, optimizer, fp16=fp16)
+
+
+def main(data_dir):
+    tick = time.time()
+    rt = runtime.setup("CPU", mode="graph", seed=1, distributed=True)
+    rank, world = rt.rank, rt.group_size
+    out = os.path.join(data_dir, f"rank{rank}")
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(data_dir, "config.json"), encoding="utf-8") as fh:
+        cfg = json.load(fh)
+    x, y = np.load(os.path.join(data_dir, "x.npy")), np.load(os.path.join(data_dir, "y.npy"))
+    dense_w, dense_b = np.load(os.path.join(data_dir, "dense_w.npy")), np.load(os.path.join(data_dir, "dense_b.npy"))
+    head_w = np.load(os.path.join(data_dir, "head_w.npy"))
+    save = lambda name, value: np.save(os.path.join(out, name + ".npy"),  # noqa: E731
+                                       value.asnumpy() if hasattr(value, "asnumpy") else np.asarray(value))
+    timings = {}
+
+    # 1. Loss and gradients of one batch (sample_rate 1.0).
+    net, head, step = build(cfg, rank, world, dense_w, dense_b, head_w)
+    images, labels = Tensor(x[0, rank]), Tensor(y[0, rank])
+    loss, grads = step.grads(images, labels, Tensor(1.0, ms.float32))
+    names = [p.name for p in step.weights]
+    save("loss0", loss)
+    for name, grad in zip(names, grads):
+        save("grad_" + name, grad)
+    embeddings = net.backbone(images)
+    grad_emb = ops.GradOperation(sens_param=True)(head)(embeddings, labels, Tensor(head.grad_scale, ms.float32))
+    save("grad_embeddings", grad_emb)
+    save("class_range", np.array([head.class_start, head.class_stop]))
+    timings["grads"] = time.time() - tick
+
+    # 2. A few SGD steps, saving the last two the way training does (rank 0: the usual checkpoint;
+    #    every rank: its head shard; keep=1, so only the last step's files remain).
+    steps = x.shape[0]
+    savers = [HeadShardSaver(step, head, data_dir, keep=1)]
+    if rank == 0:
+        savers.append(CheckpointSaver(step, data_dir, keep=1))
+    losses = []
+    for t in range(steps):
+        losses.append(float(step(Tensor(x[t, rank]), Tensor(y[t, rank])).asnumpy()))
+        if t >= steps - 2:
+            state = StepState(1, t + 1, t + 1, steps, steps, losses[-1], cfg["lr"], 0.0, x.shape[1] * x.shape[2])
+            for saver in savers:
+                saver.save(state)
+    save("losses", np.array(losses))
+    for param in step.get_parameters():
+        save("param_" + param.name, param)
+    main_ckpt = os.path.join(data_dir, checkpoint_name(1, steps))
+    Barrier()(Tensor(np.ones(1, np.float32))).asnumpy()  # all files written before anyone reads
+    timings["train"] = time.time() - tick
+
+    # 3. Resume: a fresh train step (other initial head) takes everything back from the files.
+    _, head2, step2 = build(cfg, rank, world, dense_w * 0, dense_b * 0, None, num_classes=head_w.shape[0])
+    load_partial_fc_train_state(step2, head2, main_ckpt)
+    restored = {p.name: p.asnumpy() for p in step2.get_parameters()}
+    mismatched = [p.name for p in step.get_parameters()
+                  if p.name != "learning_rate" and not np.array_equal(p.asnumpy(), restored[p.name])]
+    save("resume_mismatched", np.array(mismatched or [""]))
+    timings["resume"] = time.time() - tick
+
+    # 4. Class-centre sampling, trained with the loss-scaling train step (the fp16 path; the Dense
+    #    backbone itself stays fp32): the sampled set and a few steps on one batch.
+    sampled_cfg = cfg["sampled"]
+    _, head_s, step_s = build(cfg, rank, world, dense_w, dense_b, None, sample_rate=sampled_cfg["sample_rate"],
+                              num_classes=sampled_cfg["num_classes"], fp16=True)
+    y_s = np.load(os.path.join(data_dir, "y_sampled.npy"))
+    sampler = SampledCentres(head_s)
+    index, global_labels = sampler(Tensor(y_s[rank]))
+    save("sampled_index", index)
+    save("sampled_index_again", sampler(Tensor(y_s[rank]))[0])  # other random negatives
+    save("sampled_global_labels", global_labels)
+    save("sampled_range", np.array([head_s.class_start, head_s.class_stop]))
+    images_s, labels_s = Tensor(x[0, rank]), Tensor(y_s[rank])
+    outputs = [step_s(images_s, labels_s) for _ in range(sampled_cfg["steps"])]
+    save("sampled_losses", np.array([float(o[0].asnumpy()) for o in outputs]))
+    save("sampled_overflow", np.array([bool(o[1].asnumpy()) for o in outputs]))
+    timings["sampled"] = time.time() - tick
+    with open(os.path.join(out, "done"), "w", encoding="utf-8") as fh:
+        json.dump(timings, fh)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -1,0 +1,296 @@
+"""Partial FC (class-sharded margin head) against the single-process CombinedMarginHead.
+
+The distributed tests share one launch of 2 CPU workers by MindSpore's `msrun`
+(tests/dist/partial_fc_worker.py); the reference is computed here, in the test process, from the
+same initial weights and batches (exchanged as .npy files). The "backbone" is a Dense layer: it has
+no BatchNorm, whose per-rank batch statistics would differ from those of the combined batch, so the
+2-rank run must reproduce the 1-process run on the combined batch up to float32 rounding.
+"""
+import json
+import math
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import src.runtime  # noqa: F401  (CPU settings before MindSpore runs)
+import mindspore as ms
+from mindspore import Tensor, nn
+
+from src.callbacks import StepState
+from src.checkpoint import load_train_state
+from src.errors import ArcFaceError
+from src.loss import CombinedMarginHead
+from src.partial_fc import (HeadShardSaver, PartialFCHead, build_partial_fc_train_step, class_range,
+                            export_merged_checkpoint, find_head_shards, init_centres, load_partial_fc_train_state,
+                            merge_head_shards, num_sampled_centres, split_head)
+from src.trainer import BackboneWithHead
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = ROOT / "tests" / "dist" / "partial_fc_worker.py"
+BIN_DIR = os.path.dirname(sys.executable)
+MSRUN = shutil.which("msrun", path=os.pathsep.join([BIN_DIR, os.environ.get("PATH", "")]))
+requires_msrun = pytest.mark.skipif(MSRUN is None, reason="MindSpore's msrun launcher is not installed")
+
+WORLD, BATCH, STEPS, IN_DIM, DIM, CLASSES = 2, 4, 3, 12, 16, 41  # 41 classes: shards of 21 and 20
+CFG = {"s": 64.0, "margins": [1.0, 0.5, 0.0], "seed": 5, "lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4,
+       "sampled": {"num_classes": 100, "sample_rate": 0.3, "steps": 5}}
+MSRUN_TIMEOUT = 180  # seconds; a normal run takes ~40 s on 2 busy cores
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def assert_close(got, want, rtol=1e-5):
+    """Equal up to rtol relative to the largest magnitude of `want` (float32 sums in another order)."""
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    assert got.shape == want.shape
+    scale = max(float(np.abs(want).max()), 1e-12)
+    assert float(np.abs(got - want).max()) <= rtol * scale, float(np.abs(got - want).max()) / scale
+
+
+@pytest.fixture(scope="module")
+def dist_run(tmp_path_factory):
+    """Inputs written, 2 workers run under msrun (bounded by `timeout`); returns the folder."""
+    if MSRUN is None:
+        pytest.skip("MindSpore's msrun launcher is not installed")
+    folder = tmp_path_factory.mktemp("partial_fc_dist")
+    rng = np.random.default_rng(0)
+    np.save(folder / "x.npy", rng.normal(size=(STEPS, WORLD, BATCH, IN_DIM)).astype(np.float32))
+    np.save(folder / "y.npy", rng.integers(0, CLASSES, size=(STEPS, WORLD, BATCH)).astype(np.int32))
+    np.save(folder / "dense_w.npy", (rng.normal(size=(DIM, IN_DIM)) * 0.3).astype(np.float32))
+    np.save(folder / "dense_b.npy", (rng.normal(size=(DIM,)) * 0.1).astype(np.float32))
+    np.save(folder / "head_w.npy", (rng.normal(size=(CLASSES, DIM)) * 0.01).astype(np.float32))
+    np.save(folder / "y_sampled.npy",
+            rng.integers(0, CFG["sampled"]["num_classes"], size=(WORLD, BATCH)).astype(np.int32))
+    (folder / "config.json").write_text(json.dumps(CFG))
+    env = dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX2", PATH=os.pathsep.join([BIN_DIR, os.environ.get("PATH", "")]),
+               PYTHONPATH=str(ROOT))
+    cmd = ["timeout", str(MSRUN_TIMEOUT), MSRUN, f"--worker_num={WORLD}", f"--local_worker_num={WORLD}",
+           "--master_addr=127.0.0.1", f"--master_port={free_port()}", f"--log_dir={folder / 'logs'}",
+           "--join=True", "--cluster_time_out=120", str(WORKER), str(folder)]
+    done = subprocess.run(cmd, cwd=folder, env=env, capture_output=True, text=True, timeout=MSRUN_TIMEOUT + 30)
+    if done.returncode != 0 or not all((folder / f"rank{r}" / "done").is_file() for r in range(WORLD)):
+        logs = "".join(p.read_text(errors="replace")[-3000:] for p in sorted((folder / "logs").glob("worker_*.log")))
+        pytest.fail(f"msrun exited with {done.returncode}\n{done.stderr[-2000:]}\n{logs}")
+    return folder
+
+
+def load(folder, rank, name):
+    return np.load(folder / f"rank{rank}" / f"{name}.npy")
+
+
+def reference_net(folder):
+    backbone = nn.Dense(IN_DIM, DIM)
+    backbone.weight.set_data(Tensor(np.load(folder / "dense_w.npy")))
+    backbone.bias.set_data(Tensor(np.load(folder / "dense_b.npy")))
+    head = CombinedMarginHead(CLASSES, DIM, CFG["s"], *CFG["margins"])
+    head.weight.set_data(Tensor(np.load(folder / "head_w.npy")))
+    return BackboneWithHead(backbone, head)
+
+
+@pytest.fixture(scope="module")
+def reference(dist_run):
+    """The full head in one process on the combined batches: loss and gradients of batch 0, then the
+    parameters after STEPS SGD steps, and that training cell."""
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    x, y = np.load(dist_run / "x.npy"), np.load(dist_run / "y.npy")
+    combined = lambda t: (Tensor(x[t].reshape(-1, IN_DIM)), Tensor(y[t].reshape(-1)))  # noqa: E731 rank order
+    net = reference_net(dist_run)
+    loss, grads = ms.value_and_grad(net, None, net.trainable_params())(*combined(0))
+    images, labels = combined(0)
+    _, grad_emb = ms.value_and_grad(net.head, 0)(net.backbone(images), labels)
+    ref = {"loss0": float(loss.asnumpy()), "grad_embeddings": grad_emb.asnumpy(),
+           "grads": {p.name: g.asnumpy() for p, g in zip(net.trainable_params(), grads)}}
+    optimizer = nn.SGD(net.trainable_params(), learning_rate=CFG["lr"], momentum=CFG["momentum"],
+                       weight_decay=CFG["weight_decay"])
+    step = nn.TrainOneStepCell(net, optimizer)
+    ref["losses"] = [float(step(*combined(t)).asnumpy()) for t in range(STEPS)]
+    ref["params"] = {p.name: p.asnumpy() for p in step.get_parameters()}
+    return ref
+
+
+def shard_files(folder):
+    sets = find_head_shards(str(folder / f"ArcFace-1_{STEPS}.ckpt"))
+    assert list(sets) == [WORLD] and sorted(sets[WORLD]) == list(range(WORLD))
+    return [sets[WORLD][r] for r in range(WORLD)]
+
+
+# --- 2 workers under msrun ------------------------------------------------------------------------
+
+@requires_msrun
+def test_loss_and_gradients_equal_the_full_head(dist_run, reference):
+    """sample_rate 1.0: loss, backbone gradients (all-reduced SUM), each rank's head-shard gradient
+    and the gradient reaching each rank's own embeddings (all-gather backward) are those of the full
+    head on the combined batch."""
+    for rank in range(WORLD):
+        start, stop = load(dist_run, rank, "class_range")
+        assert (start, stop) == class_range(CLASSES, rank, WORLD)
+        assert float(load(dist_run, rank, "loss0")) == pytest.approx(reference["loss0"], rel=1e-6)
+        for name in ("backbone.weight", "backbone.bias"):
+            assert_close(load(dist_run, rank, "grad_" + name), reference["grads"][name])
+            np.testing.assert_array_equal(load(dist_run, rank, "grad_" + name), load(dist_run, 0, "grad_" + name))
+        assert_close(load(dist_run, rank, "grad_head.weight"), reference["grads"]["head.weight"][start:stop])
+        assert_close(load(dist_run, rank, "grad_embeddings"),
+                     reference["grad_embeddings"][rank * BATCH:(rank + 1) * BATCH])
+
+
+@requires_msrun
+def test_sgd_steps_equal_the_full_head(dist_run, reference):
+    """After STEPS SGD steps (momentum, weight decay) the backbone is bit-identical on both ranks and
+    equals the single-process run; each head shard and its momentum are the matching rows."""
+    for rank in range(WORLD):
+        np.testing.assert_allclose(load(dist_run, rank, "losses"), reference["losses"], rtol=1e-5)
+        start, stop = load(dist_run, rank, "class_range")
+        for name, want in reference["params"].items():
+            if name == "learning_rate":
+                continue
+            got = load(dist_run, rank, "param_" + name)
+            if name.endswith("head.weight"):
+                want = want[start:stop]
+            else:
+                np.testing.assert_array_equal(got, load(dist_run, 0, "param_" + name))
+            assert_close(got, want)
+
+
+@requires_msrun
+def test_sampling_keeps_every_positive_and_learns(dist_run):
+    """sample_rate 0.3 of 100 classes (50 per rank): 15 distinct centres per rank containing every
+    class of the global batch that lives on the rank, random negatives that change between steps; the
+    loss-scaled train step brings the (sampled-softmax) loss down and never overflows."""
+    sampled = CFG["sampled"]
+    for rank in range(WORLD):
+        start, stop = load(dist_run, rank, "sampled_range")
+        local = stop - start
+        expected = num_sampled_centres(local, sampled["sample_rate"], WORLD * BATCH)
+        assert expected == math.ceil(sampled["sample_rate"] * local) == 15
+        index = load(dist_run, rank, "sampled_index")
+        assert index.shape == (expected,) and len(set(index.tolist())) == expected
+        assert index.min() >= 0 and index.max() < local
+        labels = load(dist_run, rank, "sampled_global_labels")
+        np.testing.assert_array_equal(labels, np.load(dist_run / "y_sampled.npy").reshape(-1))
+        positives = {int(v) - start for v in labels if start <= v < stop}
+        assert positives and positives <= set(index.tolist())
+        again = load(dist_run, rank, "sampled_index_again")
+        assert positives <= set(again.tolist()) and set(again.tolist()) != set(index.tolist())
+        losses = load(dist_run, rank, "sampled_losses")
+        assert np.all(np.isfinite(losses)) and losses[-1] < 0.6 * losses[0], losses
+        np.testing.assert_array_equal(losses, load(dist_run, 0, "sampled_losses"))  # same loss on all ranks
+        assert not load(dist_run, rank, "sampled_overflow").any()
+
+
+@requires_msrun
+def test_shards_merge_split_and_resume(dist_run, reference):
+    """The shard files merge into the single-process head (weight and momentum), split back into each
+    rank's parameters, and each rank resumed its exact state from them; keep=1 pruned the older
+    checkpoint and shards."""
+    paths = shard_files(dist_run)
+    assert sorted(p.name for p in dist_run.glob("ArcFace-*.ckpt")) == [
+        f"ArcFace-1_{STEPS}.ckpt", f"ArcFace-1_{STEPS}.head-r0of2.ckpt", f"ArcFace-1_{STEPS}.head-r1of2.ckpt"]
+    merged = merge_head_shards(paths)
+    assert merged.shape == (CLASSES, DIM)
+    assert_close(merged, reference["params"]["head.weight"])
+    assert_close(merge_head_shards(paths[::-1], "accum.head.weight"), reference["params"]["accum.head.weight"])
+    merged_from_dicts = merge_head_shards([ms.load_checkpoint(p) for p in paths])
+    np.testing.assert_array_equal(merged_from_dicts, merged)
+    for rank in range(WORLD):
+        np.testing.assert_array_equal(split_head(merged, rank, WORLD), load(dist_run, rank, "param_head.weight"))
+        assert load(dist_run, rank, "resume_mismatched").tolist() == [""]
+    with pytest.raises(ArcFaceError, match="tile"):
+        merge_head_shards(paths[1:])
+
+
+@requires_msrun
+def test_export_and_resume_on_one_device(dist_run, reference, tmp_path):
+    """A 2-rank run continues on one device: as a plain CombinedMarginHead run (exported checkpoint,
+    loaded by the ordinary --resume code) and as a 1-rank Partial FC run reading the 2 shards."""
+    main_ckpt = str(dist_run / f"ArcFace-1_{STEPS}.ckpt")
+    merged_ckpt = str(tmp_path / "merged.ckpt")
+    assert export_merged_checkpoint(main_ckpt, merged_ckpt) == CLASSES
+    net = reference_net(dist_run)
+    step = nn.TrainOneStepCell(net, nn.SGD(net.trainable_params(), learning_rate=CFG["lr"],
+                                           momentum=CFG["momentum"], weight_decay=CFG["weight_decay"]))
+    assert load_train_state(step, merged_ckpt)["global_step"] == STEPS
+    for param in step.get_parameters():
+        if param.name != "learning_rate":
+            assert_close(param.asnumpy(), reference["params"][param.name])
+
+    backbone = nn.Dense(IN_DIM, DIM)
+    head = PartialFCHead(CLASSES, DIM, CFG["s"], *CFG["margins"], rank=0, world_size=1)
+    net1 = BackboneWithHead(backbone, head)
+    step1 = build_partial_fc_train_step(net1, nn.SGD(net1.trainable_params(), learning_rate=CFG["lr"],
+                                                     momentum=CFG["momentum"], weight_decay=CFG["weight_decay"]))
+    load_partial_fc_train_state(step1, head, main_ckpt)
+    assert_close(head.weight.asnumpy(), reference["params"]["head.weight"])
+    assert_close(backbone.weight.asnumpy(), reference["params"]["backbone.weight"])
+
+
+# --- single process -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("num_classes,world", [(41, 2), (10, 3), (85742, 8), (7, 7)])
+def test_class_ranges_tile_the_classes(num_classes, world):
+    ranges = [class_range(num_classes, r, world) for r in range(world)]
+    assert ranges[0][0] == 0 and ranges[-1][1] == num_classes
+    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+    sizes = [stop - start for start, stop in ranges]
+    assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)
+
+
+def test_class_range_and_sample_rate_errors():
+    with pytest.raises(ArcFaceError, match="at least one class per rank"):
+        class_range(3, 0, 4)
+    with pytest.raises(ArcFaceError, match="sample_rate"):
+        num_sampled_centres(10, 0.0, 4)
+    assert num_sampled_centres(1000, 0.1, 64) == 100
+    assert num_sampled_centres(1000, 0.01, 64) == 64  # raised so that all positives fit
+    assert num_sampled_centres(30, 0.01, 64) == 30
+
+
+def test_initial_centres_do_not_depend_on_the_world_size():
+    full = init_centres(0, 9000, 8, seed=3)
+    for world in (2, 3):
+        parts = [init_centres(*class_range(9000, r, world), 8, seed=3) for r in range(world)]
+        np.testing.assert_array_equal(np.concatenate(parts), full)
+    assert abs(float(full.std()) - 0.01) < 5e-4 and not np.array_equal(full, init_centres(0, 9000, 8, seed=4))
+
+
+@pytest.mark.parametrize("sample_rate", [1.0, 0.5])
+def test_one_rank_head_equals_combined_margin_head(sample_rate):
+    """World size 1: the full softmax; sampling 50% of 12 classes with a global batch of 12 must take
+    all 12 (num_sampled_centres), so the sampled path is the full softmax in another column order."""
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    rng = np.random.default_rng(1)
+    emb = Tensor(rng.normal(size=(12, 16)).astype(np.float32))
+    labels = Tensor(rng.integers(0, 12, 12).astype(np.int32))
+    head = PartialFCHead(12, 16, 64.0, 1.0, 0.5, 0.0, sample_rate=sample_rate, rank=0, world_size=1)
+    full = CombinedMarginHead(12, 16, 64.0, 1.0, 0.5, 0.0)
+    full.weight.set_data(Tensor(head.weight.asnumpy()))
+    loss, (g_emb, (g_w,)) = ms.value_and_grad(head, 0, head.trainable_params())(emb, labels)
+    want, (w_emb, (w_w,)) = ms.value_and_grad(full, 0, full.trainable_params())(emb, labels)
+    assert float(loss.asnumpy()) == pytest.approx(float(want.asnumpy()), rel=1e-6)
+    assert_close(g_emb.asnumpy(), w_emb.asnumpy())
+    assert_close(g_w.asnumpy(), w_w.asnumpy())
+
+
+def test_head_shard_saver_keeps_the_newest(tmp_path):
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    head = PartialFCHead(10, 4, rank=0, world_size=1)
+    net = BackboneWithHead(nn.Dense(3, 4), head)
+    step = build_partial_fc_train_step(net, nn.SGD(net.trainable_params(), learning_rate=0.1, momentum=0.9))
+    saver = HeadShardSaver(step, head, str(tmp_path), keep=2)
+    for global_step in (1, 2, 3):
+        saver.save(StepState(1, global_step, global_step, 3, 3, 0.0, 0.1, 0.0, 4))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ArcFace-1_2.head-r0of1.ckpt", "ArcFace-1_3.head-r0of1.ckpt"]
+    shard = ms.load_checkpoint(str(tmp_path / "ArcFace-1_3.head-r0of1.ckpt"))
+    assert sorted(k for k in shard if not k.startswith("meta_")) == ["accum.head.weight", "head.weight",
+                                                                    "stat.head.weight"]
+    np.testing.assert_array_equal(merge_head_shards([str(tmp_path / "ArcFace-1_3.head-r0of1.ckpt")]),
+                                  head.weight.asnumpy())
