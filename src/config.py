@@ -59,6 +59,8 @@ class TrainConfig:
     max_steps: int = field(default=0, metadata={"help": "stop after this many global steps (0: all epochs)"})
     # Data pipeline
     num_workers: int = field(default=4, metadata={"help": "parallel workers for decoding/augmentation"})
+    skip_corrupt: bool = field(default=False, metadata={"help": "replace undecodable images (each logged with "
+                                                        "its file and key) instead of stopping"})
     # Verification during training
     eval_url: str = field(default="", metadata={"help": "folder with verification .bin files to evaluate "
                                                 "during training (rank 0); keeps best.ckpt"})

@@ -54,6 +54,13 @@ class Report:
                 return
         self.problems.append(text)
 
+    def problems_of(self, kind, indices, text):
+        """One problem per index (text(i)), printing the first SHOWN and counting the rest."""
+        for i in indices[:SHOWN]:
+            self.problem(text(int(i)), kind)
+        if len(indices) > SHOWN:
+            self._hidden[kind] = self._hidden.get(kind, 0) + len(indices) - SHOWN
+
     def finish(self):
         for text in self.problems:
             print(f"problem: {text}", file=self.out)
@@ -97,7 +104,7 @@ def verify_text(count, bad, wrong, size):
     return text
 
 
-def verify_images(rep, count, read, where, workers, expected_size, progress):
+def verify_images(rep, count, read, where, workers, expected_size, no_progress):
     """Decode `count` images (read(i) -> bytes, may raise ArcFaceError); report the bad ones and
     those whose size differs from expected_size."""
     def check(i):
@@ -111,7 +118,7 @@ def verify_images(rep, count, read, where, workers, expected_size, progress):
         return i, None, image.shape[:2]
 
     bad = wrong_size = 0
-    with tqdm(total=count, unit="img", disable=progress, desc="verify") as bar:
+    with tqdm(total=count, unit="img", disable=no_progress, desc="verify") as bar:
         for i, reason, shape in parallel_map(check, range(count), workers):
             bar.update(1)
             if reason is not None:
@@ -124,12 +131,12 @@ def verify_images(rep, count, read, where, workers, expected_size, progress):
     rep.line("verify", verify_text(count, bad, wrong_size, expected_size))
 
 
-def check_index(rep, ds, progress):
+def check_index(rep, ds, no_progress):
     """Walk train.rec and compare its records with train.idx."""
     keys, offsets = ds.reader.index_arrays()
     starts = array.array("q")
     walk_error = None
-    with tqdm(total=os.path.getsize(ds.rec_path), unit="B", unit_scale=True, disable=progress,
+    with tqdm(total=os.path.getsize(ds.rec_path), unit="B", unit_scale=True, disable=no_progress,
               desc="index") as bar:
         last = 0
         try:
@@ -147,9 +154,9 @@ def check_index(rep, ds, progress):
     limit = int(starts[-1]) if starts.size else -1
     # After a broken record the walk stops: offsets beyond it cannot be checked.
     misplaced = np.flatnonzero(~known & (offsets <= limit if walk_error else True))
-    for j in misplaced.tolist():
-        rep.problem(f"{ds.reader.idx_path}: key {int(keys[j])} has offset {int(offsets[j])}, which is not the "
-                    f"start of a record in {ds.rec_path}", "misplaced idx offsets")
+    rep.problems_of("misplaced idx offsets", misplaced,
+                    lambda j: f"{ds.reader.idx_path}: key {int(keys[j])} has offset {int(offsets[j])}, which is "
+                              f"not the start of a record in {ds.rec_path}")
     unlisted = int(starts.size - np.isin(starts, offsets).sum())
     if unlisted and not walk_error:
         rep.problem(f"{ds.rec_path}: {unlisted} record(s) are not listed in {ds.reader.idx_path}")
@@ -189,22 +196,23 @@ def check_identity_records(rep, ds, labels):
             continue
         expected[a - 1:b - 1] = c
     mismatch = np.flatnonzero((expected != labels) & (labels >= 0))
-    for i in mismatch[:SHOWN].tolist():
-        rep.problem(f"{ds.where(i)}: label {int(labels[i])}, but the identity records put it in class "
-                    f"{int(expected[i])}", "label/identity mismatches")
+    rep.problems_of("label/identity mismatches", mismatch,
+                    lambda i: f"{ds.where(i)}: label {int(labels[i])}, but " + (
+                        f"the identity records put it in class {int(expected[i])}" if expected[i] >= 0
+                        else "no readable identity record covers it"))
     problems += mismatch.size
     rep.line("identity rec", f"{end - first_id} identity records: "
              + ("consistent with the image labels" if not problems else f"{problems} problem(s)"))
 
 
-def info_recordio(rep, path, verify, workers, progress):
+def info_recordio(rep, path, verify, workers, no_progress):
     ds = FaceRecordDataset(path)
     layout = ("insightface layout (header record at key 0, identity records)" if ds.has_header_record
               else "im2rec layout (no header record)")
     rep.line("kind", f"recordio, {layout}")
-    check_index(rep, ds, progress)
+    check_index(rep, ds, no_progress)
     labels = np.empty(len(ds), dtype=np.int64)
-    for i in tqdm(range(len(ds)), unit="img", disable=progress, desc="labels"):
+    for i in tqdm(range(len(ds)), unit="img", disable=no_progress, desc="labels"):
         try:
             labels[i] = ds.label_of(i)
         except ArcFaceError as exc:
@@ -231,9 +239,9 @@ def info_recordio(rep, path, verify, workers, progress):
     else:
         text = f"{ds.num_classes},{ds.image_size[0]},{ds.image_size[1]}"
         out_of_range = np.flatnonzero(labels >= ds.num_classes)
-        for i in out_of_range[:SHOWN].tolist():
-            rep.problem(f"{ds.where(i)}: label {int(labels[i])} is out of range: {ds.property_path} declares "
-                        f"{ds.num_classes} classes", "labels out of range")
+        rep.problems_of("labels out of range", out_of_range,
+                        lambda i: f"{ds.where(i)}: label {int(labels[i])} is out of range: {ds.property_path} "
+                                  f"declares {ds.num_classes} classes")
         ok = not out_of_range.size
         if first is not None and tuple(first) != tuple(ds.image_size):
             rep.problem(f"{ds.property_path}: declares {ds.image_size[1]}x{ds.image_size[0]} images, the first "
@@ -245,10 +253,10 @@ def info_recordio(rep, path, verify, workers, progress):
     if ds.has_header_record:
         check_identity_records(rep, ds, labels)
     if verify:
-        verify_images(rep, len(ds), lambda i: ds[i][0], ds.where, workers, first, progress)
+        verify_images(rep, len(ds), lambda i: ds[i][0], ds.where, workers, first, no_progress)
 
 
-def info_imagefolder(rep, path, verify, workers, progress):
+def info_imagefolder(rep, path, verify, workers, no_progress):
     source = ImageFolderSource(path)
     rep.line("kind", "imagefolder (one sub-folder per identity)")
     label_lines(rep, source.labels())
@@ -267,10 +275,10 @@ def info_imagefolder(rep, path, verify, workers, progress):
             break
         rep.problem(f"bad image: {source.where(i)}: {check_image_bytes(data) or 'cannot be decoded'}", "bad images")
     if verify:
-        verify_images(rep, len(source), lambda i: source[i][0], source.where, workers, first, progress)
+        verify_images(rep, len(source), lambda i: source[i][0], source.where, workers, first, no_progress)
 
 
-def info_mindrecord(rep, path, verify, workers, progress):
+def info_mindrecord(rep, path, verify, workers, no_progress):
     source = MindRecordSource(path)
     rep.line("kind", f"mindrecord ({len(source.files)} shard(s): "
              f"{', '.join(os.path.basename(f) for f in source.files[:4])}{' ...' if len(source.files) > 4 else ''})")
@@ -298,11 +306,12 @@ def info_mindrecord(rep, path, verify, workers, progress):
     if source.counts is None:
         rep.line("class counts", f"no {CLASS_COUNTS_NAME}: labels were read from the shards")
     if verify:
-        verify_mindrecord(rep, source, labels, first, workers, progress)
+        verify_mindrecord(rep, source, labels, first, workers, no_progress)
 
 
-def verify_mindrecord(rep, source, labels, first, workers, progress):
-    """MindRecord has no random access: stream the rows, decode them, compare labels with class_counts."""
+def verify_mindrecord(rep, source, labels, first, workers, no_progress):
+    """MindRecord has no random access: stream the rows, decode them, count the labels against
+    class_counts.npy."""
     def check(row):
         key, data, label = row
         image = decode_image(data)
@@ -312,7 +321,7 @@ def verify_mindrecord(rep, source, labels, first, workers, progress):
 
     bad = wrong = 0
     stored = array.array("q")
-    with tqdm(total=len(source), unit="img", disable=progress, desc="verify") as bar:
+    with tqdm(total=len(source), unit="img", disable=no_progress, desc="verify") as bar:
         for key, label, reason, shape in parallel_map(check, source.iter_samples(), workers):
             bar.update(1)
             stored.append(label)
@@ -323,19 +332,23 @@ def verify_mindrecord(rep, source, labels, first, workers, progress):
                 wrong += 1
                 rep.problem(f"{source.where(key)}: image is {shape[1]}x{shape[0]}, the first one is "
                             f"{first[1]}x{first[0]}", "images of another size")
-    if source.counts is not None and not np.array_equal(np.asarray(stored, dtype=np.int64), labels):
-        rep.problem(f"{os.path.join(source.root, CLASS_COUNTS_NAME)}: does not match the labels stored in the shards")
+    if source.counts is not None:
+        stored_counts = np.bincount(np.asarray(stored, dtype=np.int64), minlength=len(source.counts))
+        if not np.array_equal(stored_counts, source.counts):
+            rep.problem(f"{os.path.join(source.root, CLASS_COUNTS_NAME)}: does not match the labels stored in the "
+                        f"shards")
     rep.line("verify", verify_text(len(stored), bad, wrong, first))
 
 
-def describe(path, verify=False, workers=4, out=None, progress=None):
-    """Print the report; returns the exit code (0 ok, 1 problems). Unreadable data raises ArcFaceError."""
+def describe(path, verify=False, workers=4, out=None, no_progress=None):
+    """Print the report to `out` (stdout); returns the exit code (0 ok, 1 problems). Unreadable data
+    raises ArcFaceError. Progress bars show on a terminal only (no_progress=None) or never (True)."""
     start = time.time()
     rep = Report(out)
     rep.line("dataset", path)
     kind = detect_kind(path)
     {"recordio": info_recordio, "imagefolder": info_imagefolder, "mindrecord": info_mindrecord}[kind](
-        rep, path, verify, workers, progress)
+        rep, path, verify, workers, no_progress)
     rep.line("time", f"{time.time() - start:.1f} s")
     return rep.finish()
 

@@ -205,9 +205,9 @@ def mindspore_message(exc):
 
 class MindRecordSource:
     """A MindRecord folder written by `src.mindrecord`: shards with an `image` (bytes), `label`
-    (int32) and `key` (int64, the record key or image number it came from) column, stored in
-    label order; `property` (`num_classes,height,width`) and `class_counts.npy` (images per
-    label) next to them. Folders written otherwise need only `image` and `label`; their labels
+    (int32) and `key` (int64, the record key or image number it came from) column;
+    `property` (`num_classes,height,width`) and `class_counts.npy` (images per label) next to
+    them. Folders written otherwise need only `image` and `label`; their labels
     are then read from the shards once (slow for large sets).
 
     Training reads the shards directly with `mindspore.dataset.MindDataset`; this object gives
@@ -274,7 +274,9 @@ class MindRecordSource:
         return self._len
 
     def labels(self):
-        """Labels of all images in stored order (from `class_counts.npy`, else read from the shards)."""
+        """Labels of all images. From `class_counts.npy` they come in label order, which is how the
+        rows were written but not necessarily how MindDataset returns them from several shards;
+        without it they are read from the shards (slow), in their read order."""
         if self._labels is None:
             if self.counts is not None:
                 self._labels = np.repeat(np.arange(len(self.counts), dtype=np.int64), self.counts)

@@ -6,9 +6,10 @@ the number when N > 10) with their .db index files, plus
   class_counts.npy  number of images of each label (int64), read by training instead of
                     scanning millions of rows for their labels
 Schema: image (bytes: the encoded image exactly as stored in the input), label (int32) and
-key (int64: the RecordIO key, or the image's position in ImageFolder order). Rows are stored in
-label order. Every image is decoded with OpenCV before it is written and must have the size
-of the first one, so training can decode inside MindSpore without Python in the loop.
+key (int64: the RecordIO key, or the image's position in ImageFolder order). Rows are written
+in label order (a reader of several shards may interleave them). Every image is decoded with
+OpenCV before it is written and must have the size of the first one, so training can decode
+inside MindSpore without Python in the loop.
 
 Train on the result with --data_url <output> (the folder is recognised by its
 *.mindrecord* files).
@@ -55,7 +56,9 @@ def _input_bytes(source, kind):
     total is only exact for small inputs, which is all it is used for."""
     if kind == "recordio":
         total = os.path.getsize(source.rec_path)
-        return total, total  # an image cannot be larger than the whole file
+        if total >= SMALL_INPUT:
+            return total, total
+        return total, max((source.reader.payload_size(key) for key in source.image_keys), default=0)
     total = largest = 0
     for path in source.files:
         size = os.path.getsize(path)
@@ -72,8 +75,9 @@ def _existing_outputs(output):
                     if os.path.exists(p)]
 
 
-def convert(input_dir, output, shards=1, workers=4, skip_bad=False, overwrite=False, progress=None):
-    """Convert; returns a summary dict (identities, images, bad, files, bytes, seconds, output)."""
+def convert(input_dir, output, shards=1, workers=4, skip_bad=False, overwrite=False, no_progress=None):
+    """Convert; returns a summary dict (identities, images, bad, files, bytes, seconds, output).
+    The progress bar shows on a terminal only (no_progress=None) or never (True)."""
     from mindspore.mindrecord import FileWriter
     from mindspore.mindrecord.common.exceptions import MindRecordException
 
@@ -92,7 +96,7 @@ def convert(input_dir, output, shards=1, workers=4, skip_bad=False, overwrite=Fa
     source = open_source(input_dir)
     labels = source.labels()
     num_classes = resolve_num_classes(source, 0, input_dir)
-    order = np.argsort(labels, kind="stable")  # MindRecordSource expects rows in label order
+    order = np.argsort(labels, kind="stable")  # rows in label order, like the insightface layout
     shards = min(shards, len(source))
 
     first_size = []  # (h, w) of the first usable image: every other one must match
@@ -118,12 +122,12 @@ def convert(input_dir, output, shards=1, workers=4, skip_bad=False, overwrite=Fa
         if total < SMALL_INPUT:
             # MindSpore's default 32 MB pages and 16 MB header would make every shard of a small set
             # at least 48 MB (sparse, but not once copied): size them to the data instead.
-            writer.set_page_size(_pow2_at_least(max(2 * largest, total // shards + largest, 32 << 10)))
+            writer.set_page_size(_pow2_at_least(max(4 * largest, total // shards // 8, 32 << 10)))
             writer.set_header_size(64 << 10)
         writer.add_schema(SCHEMA, "arcface face images")
         writer.add_index(["label"])
         rows = []
-        with tqdm(total=len(source), unit="img", disable=progress, desc="mindrecord") as bar:
+        with tqdm(total=len(source), unit="img", disable=no_progress, desc="mindrecord") as bar:
             for i, data, label, reason, size in parallel_map(load, order.tolist(), workers):
                 bar.update(1)
                 if reason is None and first_size and size != first_size[0]:

@@ -51,9 +51,10 @@ def prepare_image(data, resize):
     return encoded.tobytes(), None, True
 
 
-def pack(input_dir, output, resize=False, workers=4, skip_bad=False, overwrite=False, progress=None):
+def pack(input_dir, output, resize=False, workers=4, skip_bad=False, overwrite=False, no_progress=None):
     """Pack; returns a summary dict (identities, images, bytes, resized, bad, skipped_files,
-    empty_classes, seconds, output)."""
+    empty_classes, seconds, output). The progress bar shows on a terminal only (no_progress=None)
+    or never (True)."""
     start = time.time()
     if not os.path.isdir(input_dir):
         raise ArcFaceError(f"image folder not found: {input_dir}")
@@ -77,7 +78,7 @@ def pack(input_dir, output, resize=False, workers=4, skip_bad=False, overwrite=F
         return (i,) + prepare_image(data, resize)
 
     def samples():
-        with tqdm(total=len(source), unit="img", disable=progress, desc="pack_rec") as bar:
+        with tqdm(total=len(source), unit="img", disable=no_progress, desc="pack_rec") as bar:
             for i, data, reason, resized in parallel_map(load, range(len(source)), workers):
                 bar.update(1)
                 if reason is not None:

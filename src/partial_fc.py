@@ -195,13 +195,19 @@ class PartialFCHead(nn.Cell):
 
     # -- pieces, each usable on its own (tests, inspection) --
 
+    def gather_labels(self, labels):
+        """Global labels (N,) int32 from the local ones: all ranks' batches in rank order."""
+        labels = ops.stop_gradient(ops.cast(labels, ms.int32))
+        if self.distributed:
+            return self.all_gather(labels)
+        return labels
+
     def gather_batch(self, embeddings, labels):
         """(global embeddings (N, D) float32, global labels (N,)) from the local batch."""
         embeddings = ops.cast(embeddings, ms.float32)
-        labels = ops.stop_gradient(labels)
         if self.distributed:
-            return self.gather_rows(embeddings), self.all_gather(labels)
-        return embeddings, labels
+            embeddings = self.gather_rows(embeddings)
+        return embeddings, self.gather_labels(labels)
 
     def sample_centres(self, local_labels):
         """Indices (k,) of the local centres used this step: every local class present in the global
@@ -254,15 +260,15 @@ class PartialFCHead(nn.Cell):
 
 
 class SampledCentres(nn.Cell):
-    """Local labels -> the sampled centre indices of `head` (what a training step would use);
-    for inspection and tests."""
+    """Local labels -> (indices of the centres `head` samples for them, global labels), the
+    sampling a training step does; for inspection and tests."""
 
     def __init__(self, head):
         super().__init__()
         self.head = head
 
     def construct(self, labels):
-        _, global_labels = self.head.gather_batch(ops.zeros((labels.shape[0], 1), ms.float32), labels)
+        global_labels = self.head.gather_labels(labels)
         return self.head.sample_centres(global_labels - self.head.class_start), global_labels
 
 
@@ -394,6 +400,15 @@ def head_state_names(train_cell, head):
                   if p.name in own or any(p.name.endswith("." + name) for name in own))
 
 
+def main_checkpoint_entries(train_cell, head):
+    """What rank 0's usual checkpoint needs with Partial FC: every parameter of `train_cell` but the
+    sharded head state (each rank's shard file holds that). A list of {"name", "data"} entries that
+    refer to the live parameters, so it can be built once and handed to CheckpointSaver /
+    VerificationMonitor in place of the cell (ms.save_checkpoint reads the values when saving)."""
+    sharded = set(head_state_names(train_cell, head))
+    return [{"name": p.name, "data": p} for p in train_cell.get_parameters() if p.name not in sharded]
+
+
 def save_head_shard(train_cell, head, path, meta=None):
     """Write this rank's head state (weight + optimizer slots) and its class range to `path`."""
     params = {p.name: p for p in train_cell.get_parameters()}
@@ -495,9 +510,10 @@ def load_head_shard(train_cell, head, checkpoint_path):
 
 
 def load_partial_fc_train_state(train_cell, head, path):
-    """--resume for Partial FC: backbone, optimizer and step from the checkpoint `path` (saved by
-    rank 0, whose own head shard it also holds and which is ignored here), this rank's head state
-    from the shard files next to it. Returns the meta dict like checkpoint.load_train_state."""
+    """--resume for Partial FC: backbone, optimizer and step from rank 0's checkpoint `path` (a copy
+    of rank 0's head state in it, as when the whole cell was saved, is ignored), this rank's head
+    state from the shard files next to it, whatever world size wrote them. Returns the meta dict,
+    like checkpoint.load_train_state."""
     from src.checkpoint import NOT_RESTORED
     params, meta = read_checkpoint(path)
     if "global_step" not in meta:

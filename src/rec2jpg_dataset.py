@@ -129,8 +129,9 @@ def human_bytes(n):
         n /= 1024.0
 
 
-def convert(include, output, fmt="original", workers=8, skip_bad=False, progress=None):
-    """Convert; returns the summary dict (identities, images, written, skipped, bad, bytes, seconds)."""
+def convert(include, output, fmt="original", workers=8, skip_bad=False, no_progress=None):
+    """Convert; returns the summary dict (identities, images, written, skipped, bad, bytes, seconds).
+    The progress bar shows on a terminal only (no_progress=None) or never (True)."""
     start = time.time()
     dataset = FaceRecordDataset(include)
     dataset.check_labels()
@@ -141,7 +142,7 @@ def convert(include, output, fmt="original", workers=8, skip_bad=False, progress
     converter.make_class_dirs()
     counts = {WRITTEN: 0, SKIPPED: 0, BAD: 0}
     written_bytes = 0
-    with tqdm(total=len(dataset), unit="img", disable=progress, desc="rec2jpg") as bar:
+    with tqdm(total=len(dataset), unit="img", disable=no_progress, desc="rec2jpg") as bar:
         for status, nbytes in parallel_map(converter, range(len(dataset)), workers):
             counts[status] += 1
             written_bytes += nbytes

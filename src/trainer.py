@@ -13,7 +13,7 @@ from src.backbones import get_backbone
 from src.callbacks import (CheckpointSaver, CurvePlotter, LossMonitor, StepState, VerificationMonitor,
                            setup_logging)
 from src.checkpoint import latest_checkpoint, load_backbone, load_train_state, read_checkpoint
-from src.dataset import create_train_dataset, open_source, resolve_num_classes
+from src.dataset import checked_iterator, create_train_dataset, open_source, resolve_num_classes
 from src.errors import ArcFaceError
 from src.loss import CombinedMarginHead
 from src.lr_schedule import scaled_lr, step_lr
@@ -97,7 +97,7 @@ def train(cfg):
     source = open_source(data_dir)
     num_classes = resolve_num_classes(source, cfg.num_classes, data_dir)
     dataset = create_train_dataset(source, cfg.batch_size, rt.rank, rt.group_size, cfg.num_workers,
-                                   path=data_dir)
+                                   path=data_dir, skip_corrupt=cfg.skip_corrupt)
     steps_per_epoch = dataset.get_dataset_size()
     total_steps = steps_per_epoch * cfg.epochs
     if cfg.max_steps:
@@ -159,7 +159,8 @@ def run_loop(train_step, dataset, lr_per_step, start_step, total_steps, steps_pe
     run resumed mid-epoch simply continues; epoch and step numbers derive from the global step."""
     train_step.set_train(True)
     repeats = math.ceil((total_steps - start_step) / steps_per_epoch)
-    iterator = dataset.repeat(repeats).create_tuple_iterator(num_epochs=1)
+    # Errors raised inside the pipeline (e.g. a corrupt image) come back as one clear ArcFaceError.
+    iterator = checked_iterator(dataset.repeat(repeats).create_tuple_iterator(num_epochs=1))
     global_step, state = start_step, None
     if start_step == 0:
         logger.info("compiling the training graph (the first step takes longer)")

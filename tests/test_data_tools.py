@@ -1,11 +1,12 @@
 """Data tools: rec2jpg, pack_rec, MindRecord conversion and training input, datainfo, corrupt inputs,
 and the byte-by-byte MXNet RecordIO fixture in tests/data."""
 import hashlib
+import io
 import json
 import logging
 import os
+import re
 import shutil
-import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -16,11 +17,11 @@ import pytest
 
 from src import datainfo, mindrecord, pack_rec, rec2jpg_dataset
 from src.cli import run_main
-from src.dataset import (ImageFolderSource, checked_iterator, create_train_dataset, detect_kind, open_source,
-                         resolve_num_classes)
+from src.dataset import (ImageFolderSource, MindRecordSource, checked_iterator, create_train_dataset, detect_kind,
+                         open_source, resolve_num_classes)
 from src.errors import ArcFaceError
 from src.recordio import (FaceRecordDataset, IndexedRecordReader, IndexedRecordWriter, pack_header, scan_records,
-                          write_face_dataset)
+                          unpack_record, write_face_dataset)
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).resolve().parent / "data"
@@ -86,8 +87,8 @@ def base(tmp_path_factory):
     folder = make_folder(root / "folder", [str(c) for c in range(13) if c != 5], png_at=4)
     (folder / "5").mkdir()  # empty class folder: no label
     (folder / "3" / "notes.txt").write_text("not an image")
-    summary = pack_rec.pack(str(folder), str(root / "rec"), progress=True)
-    mr = mindrecord.convert(str(root / "rec"), str(root / "mr"), shards=2, progress=True)
+    summary = pack_rec.pack(str(folder), str(root / "rec"), no_progress=True)
+    mr = mindrecord.convert(str(root / "rec"), str(root / "mr"), shards=3, no_progress=True)
     return {"root": root, "folder": folder, "rec": root / "rec", "mr": root / "mr", "pack": summary, "mindrecord": mr}
 
 
@@ -117,7 +118,6 @@ def test_fixture_is_read_exactly():
     for k, r in records.items():
         assert ds.reader.payload_size(int(k)) == r["payload_size"]
     # Identity records and the header.
-    from src.recordio import unpack_record
     header, _ = unpack_record(ds.reader.read(0))
     assert header.label.tolist() == expected["header"]
     for c, rng in enumerate(expected["identity_ranges"]):
@@ -214,15 +214,38 @@ def test_rec2jpg_resumes(tmp_path, base, capsys):
     assert not list(out.rglob(".*.tmp"))
 
 
+def test_rec2jpg_layouts_and_no_read_past_the_last_image(tmp_path, capsys):
+    # im2rec layout: every key is an image, keys from 0.
+    small_rec(tmp_path / "im2rec", headerless=True)
+    assert rec2jpg_dataset.main(["--include", str(tmp_path / "im2rec"), "--output", str(tmp_path / "a")]) == 0
+    names = sorted(p.relative_to(tmp_path / "a").as_posix() for p in (tmp_path / "a").rglob("*.jpg"))
+    assert names == ["0/00000000.jpg", "0/00000001.jpg", "1/00000002.jpg", "1/00000003.jpg", "2/00000004.jpg",
+                     "2/00000005.jpg"]
+    # insightface layout: the identity records after the images are never read, so damaging them
+    # does not matter to the conversion (datainfo does notice).
+    path = small_rec(tmp_path / "insightface")
+    offsets = idx_offsets(path)
+    with open(path / "train.rec", "r+b") as fh:
+        fh.seek(offsets[7])
+        fh.write(b"\0" * 8)
+    assert rec2jpg_dataset.main(["--include", str(path), "--output", str(tmp_path / "b")]) == 0
+    assert "3 identities, 6 images" in capsys.readouterr().out
+    assert datainfo.main([str(path)]) == 1
+    assert f"offset {offsets[7]}: bad record magic" in capsys.readouterr().out
+
+
 def test_three_input_kinds_give_the_same_samples(base, tmp_path):
     assert detect_kind(str(base["mr"])) == "mindrecord"
-    assert sorted(os.listdir(base["mr"])) == ["class_counts.npy", "property", "train.mindrecord0",
-                                                "train.mindrecord0.db", "train.mindrecord1", "train.mindrecord1.db"]
+    assert sorted(os.listdir(base["mr"])) == ["class_counts.npy", "property"] + [
+        f"train.mindrecord{i}{db}" for i in range(3) for db in ("", ".db")]
+    report = io.StringIO()
+    assert datainfo.describe(str(base["mr"]), verify=True, out=report) == 0, report.getvalue()
+    assert "verify       36 images decoded: 0 bad, all 112x112" in report.getvalue()
     assert base["mindrecord"]["images"] == 36 and base["mindrecord"]["identities"] == 12
     # A second MindRecord straight from the ImageFolder.
     assert mindrecord.main(["--input", str(base["folder"]), "--output", str(tmp_path / "mr_folder")]) == 0
-    sources = {name: open_source(str(path)) for name, path in
-               [("folder", base["folder"]), ("rec", base["rec"]), ("mr", base["mr"]), ("mr_folder", tmp_path / "mr_folder")]}
+    paths = {"folder": base["folder"], "rec": base["rec"], "mr": base["mr"], "mr_folder": tmp_path / "mr_folder"}
+    sources = {name: open_source(str(path)) for name, path in paths.items()}
     assert sources["mr"].kind == "mindrecord" and len(sources["mr"]) == 36
     expected = sorted(folder_samples(base["folder"]))
     for name, source in sources.items():
@@ -367,7 +390,6 @@ CASES = ["bad_magic", "truncated_last", "idx_past_end", "idx_missing", "not_an_i
 
 @pytest.mark.parametrize("case", CASES)
 def test_corrupt_input_gives_one_clear_error(case, tmp_path, capsys):
-    import re
     pattern = corrupt(case, tmp_path / "data")
     data = str(tmp_path / "data")
     # rec2jpg and the MindRecord converter stop with one line naming the file and the record.
@@ -462,7 +484,6 @@ def test_imagefolder_problems_and_kinds(tmp_path, warnings_log):
     with pytest.raises(ArcFaceError, match="both RecordIO .* and MindRecord"):
         detect_kind(str(both))
     with pytest.raises(ArcFaceError, match=r"x\.mindrecord0\.db is missing"):
-        from src.dataset import MindRecordSource
         MindRecordSource(str(both))
 
 

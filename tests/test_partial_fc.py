@@ -26,9 +26,10 @@ from src.callbacks import StepState
 from src.checkpoint import load_train_state
 from src.errors import ArcFaceError
 from src.loss import CombinedMarginHead
+from src.checkpoint import save_checkpoint_atomic
 from src.partial_fc import (HeadShardSaver, PartialFCHead, build_partial_fc_train_step, class_range,
                             export_merged_checkpoint, find_head_shards, init_centres, load_partial_fc_train_state,
-                            merge_head_shards, num_sampled_centres, split_head)
+                            main_checkpoint_entries, merge_head_shards, num_sampled_centres, split_head)
 from src.trainer import BackboneWithHead
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -190,11 +191,13 @@ def test_sampling_keeps_every_positive_and_learns(dist_run):
 @requires_msrun
 def test_shards_merge_split_and_resume(dist_run, reference):
     """The shard files merge into the single-process head (weight and momentum), split back into each
-    rank's parameters, and each rank resumed its exact state from them; keep=1 pruned the older
-    checkpoint and shards."""
+    rank's parameters, and each rank resumed its exact state from them and rank 0's checkpoint (which
+    leaves the head out); keep=1 pruned the older checkpoint and shards."""
     paths = shard_files(dist_run)
     assert sorted(p.name for p in dist_run.glob("ArcFace-*.ckpt")) == [
         f"ArcFace-1_{STEPS}.ckpt", f"ArcFace-1_{STEPS}.head-r0of2.ckpt", f"ArcFace-1_{STEPS}.head-r1of2.ckpt"]
+    main = ms.load_checkpoint(str(dist_run / f"ArcFace-1_{STEPS}.ckpt"))
+    assert "backbone.weight" in main and not [k for k in main if k.endswith("head.weight")]
     merged = merge_head_shards(paths)
     assert merged.shape == (CLASSES, DIM)
     assert_close(merged, reference["params"]["head.weight"])
@@ -294,3 +297,11 @@ def test_head_shard_saver_keeps_the_newest(tmp_path):
                                                                     "stat.head.weight"]
     np.testing.assert_array_equal(merge_head_shards([str(tmp_path / "ArcFace-1_3.head-r0of1.ckpt")]),
                                   head.weight.asnumpy())
+    # rank 0's checkpoint: the live values of everything else
+    entries = main_checkpoint_entries(step, head)
+    net.backbone.bias.set_data(Tensor(np.full(4, 3.0, np.float32)))
+    save_checkpoint_atomic(entries, str(tmp_path / "main.ckpt"))
+    main = ms.load_checkpoint(str(tmp_path / "main.ckpt"))
+    assert "backbone.weight" in main and "accum.backbone.weight" in main and "global_step" in main
+    assert not [k for k in main if k.endswith("head.weight")]
+    np.testing.assert_array_equal(main["backbone.bias"].asnumpy(), np.full(4, 3.0, np.float32))

@@ -199,3 +199,19 @@ def test_weight_decay_skips_batchnorm():
     assert all(p.name.endswith(("gamma", "beta")) for p in no_decay["params"])
     assert not any(p.name.endswith(("gamma", "beta")) for p in decay["params"])
     assert any(p.name == "head.weight" for p in decay["params"])
+
+
+def test_corrupt_image_stops_with_its_key_unless_skip_corrupt(tiny_data, tmp_path, capsys):
+    from src.recordio import FaceRecordDataset, write_face_dataset
+    good = FaceRecordDataset(str(tiny_data[0]))
+    samples = [good[i] for i in range(len(good))]
+    samples[5] = (samples[5][0][: len(samples[5][0]) // 2], samples[5][1])  # a truncated JPEG
+    data = tmp_path / "data"
+    write_face_dataset(str(data), samples)
+    args = ["--data_url", str(data), "--network", "r18", "--width", "8", "--batch_size", "8", "--epochs", "1",
+            "--num_workers", "1", "--log_interval", "1"]
+    assert run_main(train.main, args + ["--train_url", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "train.rec" in err and "key 6" in err and "--skip_corrupt" in err, err
+    assert run_main(train.main, args + ["--train_url", str(tmp_path / "b"), "--skip_corrupt", "true"]) == 0
+    assert (tmp_path / "b" / "ArcFace-1_8.ckpt").is_file()

@@ -25,7 +25,8 @@ from mindspore import nn, ops, Tensor  # noqa: E402
 from src.callbacks import CheckpointSaver, StepState  # noqa: E402
 from src.checkpoint import checkpoint_name  # noqa: E402
 from src.partial_fc import (HeadShardSaver, PartialFCHead, SampledCentres,  # noqa: E402
-                            build_partial_fc_train_step, load_partial_fc_train_state, split_head)
+                            build_partial_fc_train_step, load_partial_fc_train_state,
+                            main_checkpoint_entries, split_head)
 from src.trainer import BackboneWithHead  # noqa: E402
 
 
@@ -81,12 +82,12 @@ def main(data_dir):
     save("class_range", np.array([head.class_start, head.class_stop]))
     timings["grads"] = time.time() - tick
 
-    # 2. A few SGD steps, saving the last two the way training does (rank 0: the usual checkpoint;
-    #    every rank: its head shard; keep=1, so only the last step's files remain).
+    # 2. A few SGD steps, saving the last two the way training does (rank 0: the usual checkpoint
+    #    without the head; every rank: its head shard; keep=1, so only the last step's files remain).
     steps = x.shape[0]
     savers = [HeadShardSaver(step, head, data_dir, keep=1)]
     if rank == 0:
-        savers.append(CheckpointSaver(step, data_dir, keep=1))
+        savers.append(CheckpointSaver(main_checkpoint_entries(step, head), data_dir, keep=1))
     losses = []
     for t in range(steps):
         losses.append(float(step(Tensor(x[t, rank]), Tensor(y[t, rank])).asnumpy()))
