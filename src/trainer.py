@@ -2,6 +2,7 @@
 import logging
 import math
 import os
+import signal
 import time
 
 import numpy as np
@@ -81,6 +82,10 @@ def _modelarts_sync(src, dst):
     mox.file.copy_parallel(src, dst)
 
 
+def _raise_keyboard_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def train(cfg):
     """Run training as configured; returns the final StepState (None if no step ran)."""
     rt = runtime.setup(cfg.device_target, cfg.device_id, cfg.mode, seed=cfg.seed)
@@ -149,8 +154,15 @@ def train(cfg):
             callbacks.append(VerificationMonitor(net.backbone, sets, cfg.eval_interval, cfg.eval_batch_size,
                                                  train_step, output_dir, model, metrics))
         callbacks.append(CurvePlotter(metrics, os.path.join(output_dir, "training_curve.png")))
-    return run_loop(train_step, dataset, lr_per_step, start_step, total_steps, steps_per_epoch,
-                    global_batch, callbacks)
+    # A scheduler's SIGTERM is handled like Ctrl-C: the last completed step is saved.
+    previous_handler = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    try:
+        return run_loop(train_step, dataset, lr_per_step, start_step, total_steps, steps_per_epoch,
+                        global_batch, callbacks)
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+        if cfg.modelarts and rt.is_main:
+            _modelarts_sync(output_dir, cfg.train_url)  # checkpoints and logs back to OBS, also after a failure
 
 
 def run_loop(train_step, dataset, lr_per_step, start_step, total_steps, steps_per_epoch, global_batch,

@@ -1,7 +1,9 @@
 """Training end to end on tiny data: loss falls, checkpoints, resume, NaN guard, bad input."""
 import json
 import os
+import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +14,8 @@ from src.checkpoint import list_checkpoints, read_checkpoint, save_checkpoint_at
 from src.cli import run_main
 from src.errors import ArcFaceError
 import train
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def read_metrics(folder):
@@ -215,3 +219,26 @@ def test_corrupt_image_stops_with_its_key_unless_skip_corrupt(tiny_data, tmp_pat
     assert len(err.splitlines()) == 1 and "train.rec" in err and "key 6" in err and "--skip_corrupt" in err, err
     assert run_main(train.main, args + ["--train_url", str(tmp_path / "b"), "--skip_corrupt", "true"]) == 0
     assert (tmp_path / "b" / "ArcFace-1_8.ckpt").is_file()
+
+
+def test_sigterm_saves_the_last_completed_step(tiny_data, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+    out = tmp_path / "out"
+    command = [sys.executable, str(ROOT / "train.py"), "--data_url", str(tiny_data[0]), "--train_url", str(out),
+               "--network", "r18", "--width", "8", "--batch_size", "8", "--epochs", "50", "--num_workers", "1",
+               "--log_interval", "1"]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = out / "train.log"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (log.exists() and "epoch: 1 step: 3," in log.read_text()):
+        time.sleep(0.5)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err[-2000:]
+    text = log.read_text()
+    step = int(re.search(r"interrupted at global step (\d+)", text).group(1))
+    assert step >= 3
+    assert (out / f"ArcFace-1_{step}.ckpt").is_file()
