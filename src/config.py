@@ -42,6 +42,10 @@ class TrainConfig:
                                                      "the combined margin cos(m1*t+m2)-m3"})
     scale: float = field(default=64.0, metadata={"help": "logit scale s"})
     num_classes: int = field(default=0, metadata={"help": "identities; 0 reads the dataset's own count"})
+    partial_fc: bool = field(default=False, metadata={"help": "Partial FC: shard the head's class centres over "
+                                                      "the ranks (for heads too large for one device)"})
+    sample_rate: float = field(default=1.0, metadata={"help": "with --partial_fc: share of each rank's class "
+                                                      "centres used per step (all positives kept); 1 = all"})
     # Optimisation
     epochs: int = field(default=25, metadata={"help": "training epochs"})
     batch_size: int = field(default=64, metadata={"help": "batch size per device"})
@@ -175,6 +179,10 @@ def validate(cfg):
         raise ArcFaceError("--lr must be positive")
     if cfg.num_classes < 0:
         raise ArcFaceError("--num_classes must not be negative")
+    if not 0.0 < cfg.sample_rate <= 1.0:
+        raise ArcFaceError("--sample_rate must be in (0, 1]")
+    if cfg.sample_rate < 1.0 and not cfg.partial_fc:
+        raise ArcFaceError("--sample_rate needs --partial_fc")
     parse_margin(cfg.margin)
 
 

@@ -43,20 +43,24 @@ that occur in the global batch plus random other classes of its shard, `num_samp
 and computes logits on those rows only (a gather of weight rows; its gradient is scattered back
 into a dense (local_classes, D) gradient whose unsampled rows are zero). Unsampled rows are still
 updated by SGD from their momentum and weight decay (v <- momentum * v + wd * w; w <- w - lr * v),
-exactly as a zero gradient would do in any SGD implementation. With sample_rate 1.0 no sampling
-happens at all: the head is the full softmax.
+exactly as a zero gradient would do in any SGD implementation. The loss is then the softmax
+cross-entropy over the sampled centres of all ranks. Each rank draws its negatives from its own
+random stream (seeded by seed and rank; it restarts from the seed when a run is resumed). With
+sample_rate 1.0 no sampling happens at all: the head is the full softmax.
 
 Checkpoints: every rank writes its shard (head weight plus its SGD slots, with its class range) to
-`<checkpoint stem>.head-r<rank>of<world>.ckpt` next to the usual checkpoint (`HeadShardSaver`).
-`load_partial_fc_train_state` resumes any world size from any complete set of shards (each rank
-reads just the rows of its range), `merge_head_shards` / `split_head` convert between the sharded
-and the full weight, and `export_merged_checkpoint` writes a single-device checkpoint with the full
-head. The backbone is not sharded and is saved as before.
+`<checkpoint stem>.head-r<rank>of<world>.ckpt` next to rank 0's usual checkpoint (`HeadShardSaver`),
+which then holds everything else (`main_checkpoint_entries`: backbone, its optimizer state, step).
+No rank ever holds the full head. `load_partial_fc_train_state` resumes on any number of ranks from
+any complete set of shards (each rank reads just the rows of its range), `merge_head_shards` /
+`split_head` convert between the sharded and the full weight, and `export_merged_checkpoint` writes
+a single-device checkpoint with the full head. The backbone is not sharded and loads as before.
 """
 import glob
 import math
 import os
 import re
+import sys
 
 import numpy as np
 import mindspore as ms
@@ -578,3 +582,21 @@ class HeadShardSaver(CheckpointSaver):
                 own.append((int(match.group(1)), int(match.group(2)), other))
         for _, _, old in sorted(own)[:-self.keep]:
             os.remove(old)
+
+
+def main(argv=None):
+    """`python -m src.partial_fc --merge CKPT --output OUT`: one single-device checkpoint."""
+    import argparse
+    parser = argparse.ArgumentParser(description="Merge the head shards written next to a Partial FC checkpoint "
+                                                 "into a single-device checkpoint (whole head).")
+    parser.add_argument("--merge", required=True, help="rank 0's checkpoint, e.g. train_parallel/ArcFace-25_1421.ckpt")
+    parser.add_argument("--output", required=True, help="checkpoint file to write")
+    args = parser.parse_args(argv)
+    classes = export_merged_checkpoint(args.merge, args.output)
+    print(f"wrote {args.output} with the whole head ({classes} classes)")
+    return 0
+
+
+if __name__ == "__main__":
+    from src.cli import run_main
+    sys.exit(run_main(main))

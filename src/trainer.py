@@ -7,7 +7,7 @@ import time
 
 import numpy as np
 import mindspore as ms
-from mindspore import nn
+from mindspore import nn, ops
 
 from src import runtime
 from src.backbones import get_backbone
@@ -17,6 +17,8 @@ from src.checkpoint import latest_checkpoint, load_backbone, load_train_state, r
 from src.dataset import checked_iterator, create_train_dataset, open_source, resolve_num_classes
 from src.errors import ArcFaceError
 from src.loss import CombinedMarginHead
+from src.partial_fc import (HeadShardSaver, PartialFCHead, build_partial_fc_train_step,
+                            load_partial_fc_train_state, main_checkpoint_entries, split_head)
 from src.lr_schedule import scaled_lr, step_lr
 from src.verification import load_sets
 
@@ -37,7 +39,12 @@ class BackboneWithHead(nn.Cell):
 
 def build_network(cfg, num_classes, fp16=False):
     backbone = get_backbone(cfg.network, cfg.num_features, cfg.dropout, fp16=fp16, width=cfg.width)
-    head = CombinedMarginHead(num_classes, cfg.num_features, cfg.scale, *cfg.margins)
+    if cfg.partial_fc:
+        # This rank's share of the class centres; rank and world size from the communication group.
+        head = PartialFCHead(num_classes, cfg.num_features, cfg.scale, *cfg.margins, sample_rate=cfg.sample_rate,
+                             seed=cfg.seed)
+    else:
+        head = CombinedMarginHead(num_classes, cfg.num_features, cfg.scale, *cfg.margins)
     return BackboneWithHead(backbone, head)
 
 
@@ -59,12 +66,51 @@ def parameter_groups(net, weight_decay):
 def build_train_step(net, lr_per_step, cfg, fp16):
     optimizer = nn.SGD(parameter_groups(net, cfg.weight_decay), learning_rate=ms.Tensor(lr_per_step),
                        momentum=cfg.momentum)
+    if cfg.partial_fc:
+        return build_partial_fc_train_step(net, optimizer, fp16)
     if fp16:
         # Dynamic loss scaling keeps small fp16 gradients from flushing to zero; overflowing
         # steps are skipped and the scale lowered.
         scale = nn.DynamicLossScaleUpdateCell(loss_scale_value=2.0 ** 16, scale_factor=2, scale_window=2000)
-        return nn.TrainOneStepWithLossScaleCell(net, optimizer, scale_sense=scale)
+        return LossScaledTrainStep(net, optimizer, scale)
     return nn.TrainOneStepCell(net, optimizer)
+
+
+def _unscale(scale, grad):
+    return grad * ops.cast(ops.reciprocal(scale), grad.dtype)
+
+
+class LossScaledTrainStep(nn.Cell):
+    """One optimizer step with dynamic loss scaling, on any device (nn.TrainOneStepWithLossScaleCell
+    relies on Ascend float-status ops outside GPU). Returns (loss, overflow, scale); an overflowing
+    step is skipped and the scale lowered by `scale_update`. Data parallel: gradients are averaged
+    across ranks before the overflow check, so every rank skips the same steps."""
+
+    def __init__(self, network, optimizer, scale_update):
+        super().__init__(auto_prefix=False)  # parameter names as in nn.TrainOneStepCell
+        self.network = network
+        self.network.set_grad()
+        self.optimizer = optimizer
+        self.weights = optimizer.parameters
+        self.grad = ops.GradOperation(get_by_list=True, sens_param=True)
+        self.loss_scaling_manager = scale_update
+        self.scale_sense = ms.Parameter(ms.Tensor(scale_update.get_loss_scale(), ms.float32), name="scale_sense")
+        self.hyper_map = ops.HyperMap()
+        parallel = ms.get_auto_parallel_context("parallel_mode") == ms.ParallelMode.DATA_PARALLEL
+        self.reducer = nn.DistributedGradReducer(self.weights, mean=True) if parallel else nn.Identity()
+
+    def construct(self, images, labels):
+        loss = self.network(images, labels)
+        scale = self.scale_sense
+        sens = ops.ones_like(loss) * ops.cast(scale, loss.dtype)
+        grads = self.grad(self.network, self.weights)(images, labels, sens)
+        grads = self.reducer(grads)
+        grads = self.hyper_map(ops.partial(_unscale, scale), grads)
+        overflow = ops.logical_not(ms.amp.all_finite(grads))
+        overflow = self.loss_scaling_manager(self.scale_sense, overflow)
+        if not overflow:
+            loss = ops.depend(loss, self.optimizer(grads))
+        return loss, overflow, scale
 
 
 def resolve_amp(cfg):
@@ -114,7 +160,11 @@ def train(cfg):
         params, _ = read_checkpoint(cfg.ckpt_url)
         load_backbone(net.backbone, cfg.ckpt_url, params)
         head_weight = params.get("head.weight")
-        if head_weight is not None and tuple(head_weight.shape) == tuple(net.head.weight.shape):
+        if cfg.partial_fc:
+            # A full head (a plain run, or export_merged_checkpoint) is split; a shard is not used.
+            if head_weight is not None and tuple(head_weight.shape) == (num_classes, cfg.num_features):
+                net.head.weight.set_data(ms.Tensor(split_head(head_weight.asnumpy(), rt.rank, rt.group_size)))
+        elif head_weight is not None and tuple(head_weight.shape) == tuple(net.head.weight.shape):
             net.head.weight.set_data(head_weight)
         logger.info(f"initialised from {cfg.ckpt_url}")
     lr = scaled_lr(cfg.lr, cfg.batch_size, rt.group_size)
@@ -124,7 +174,10 @@ def train(cfg):
     start_step = 0
     if cfg.resume:
         path = latest_checkpoint(output_dir) if cfg.resume == "auto" else cfg.resume
-        meta = load_train_state(train_step, path)
+        if cfg.partial_fc:
+            meta = load_partial_fc_train_state(train_step, net.head, path)
+        else:
+            meta = load_train_state(train_step, path)
         start_step = meta["global_step"]
         logger.info(f"resumed from {path} at epoch {meta['epoch']} step {meta['step_in_epoch']} "
                     f"(global step {start_step})")
@@ -138,13 +191,18 @@ def train(cfg):
                 f"per device, {steps_per_epoch} steps/epoch | lr {lr:g} | "
                 f"{'fp16 backbone + loss scaling' if fp16 else 'fp32'} | {cfg.mode} mode")
     callbacks = []
+    checkpoint_cell = train_step
+    if cfg.partial_fc:
+        # Every rank writes its head shard next to rank 0's checkpoint, which leaves the shards out.
+        callbacks.append(HeadShardSaver(train_step, net.head, output_dir, cfg.save_interval, cfg.keep_checkpoint_max))
+        checkpoint_cell = main_checkpoint_entries(train_step, net.head)
     if rt.is_main:
         metrics = os.path.join(output_dir, "metrics.jsonl")
         if not cfg.resume and os.path.exists(metrics):
             os.remove(metrics)  # a fresh run starts a fresh curve
         model = {"network": cfg.network, "width": cfg.width, "num_features": cfg.num_features}
         callbacks.append(LossMonitor(cfg.log_interval, metrics))
-        callbacks.append(CheckpointSaver(train_step, output_dir, cfg.save_interval, cfg.keep_checkpoint_max,
+        callbacks.append(CheckpointSaver(checkpoint_cell, output_dir, cfg.save_interval, cfg.keep_checkpoint_max,
                                          meta=model))
         if cfg.eval_url:
             sets = load_sets(cfg.eval_url, [t for t in cfg.eval_targets.split(",") if t], log=logger.info,
@@ -152,7 +210,7 @@ def train(cfg):
             if not sets:
                 raise ArcFaceError(f"--eval_url {cfg.eval_url}: none of {cfg.eval_targets} found")
             callbacks.append(VerificationMonitor(net.backbone, sets, cfg.eval_interval, cfg.eval_batch_size,
-                                                 train_step, output_dir, model, metrics))
+                                                 checkpoint_cell, output_dir, model, metrics))
         callbacks.append(CurvePlotter(metrics, os.path.join(output_dir, "training_curve.png")))
     # A scheduler's SIGTERM is handled like Ctrl-C: the last completed step is saved.
     previous_handler = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)

@@ -34,34 +34,13 @@ def msrun(script_and_args, log_dir, workers=2, timeout=420):
     return logs
 
 
-def single_process_reference():
-    """The same steps in one process: per-shard gradients (each shard with its own BatchNorm
-    batch statistics, as on its device) averaged, then the same SGD update."""
-    sys.path.insert(0, str(ROOT / "tests" / "dist"))
-    from dp_common import CFG, NUM_CLASSES, global_batch
-    from src import runtime
-    from src.trainer import build_network, parameter_groups
-    import mindspore as ms
-    from mindspore import nn
-
-    runtime.setup("CPU", mode="pynative", seed=11, distributed=False)
-    net = build_network(CFG, NUM_CLASSES)
-    net.set_train(True)
-    optimizer = nn.SGD(parameter_groups(net, CFG.weight_decay), learning_rate=0.1, momentum=CFG.momentum)
-    grad_fn = ms.value_and_grad(net, None, optimizer.parameters)
-    images, labels = global_batch()
-    half = len(images) // 2
-    losses = []
-    for _ in range(STEPS):
-        shard_losses, shard_grads = [], []
-        for rows in (slice(0, half), slice(half, None)):
-            loss, grads = grad_fn(ms.Tensor(images[rows]), ms.Tensor(labels[rows]))
-            shard_losses.append(float(loss.asnumpy()))
-            shard_grads.append(grads)
-        optimizer(tuple((a + b) / 2 for a, b in zip(*shard_grads)))
-        losses.append(shard_losses)
-    ms.set_context(mode=ms.GRAPH_MODE)
-    return {p.name: p.asnumpy() for p in net.trainable_params()}, np.array(losses)
+def single_process_reference(out):
+    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'tests' / 'dist'}")
+    result = subprocess.run([sys.executable, str(ROOT / "tests" / "dist" / "dp_reference.py"), str(out), str(STEPS)],
+                            env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    reference = dict(np.load(out / "reference.npz"))
+    return reference, reference.pop("losses")
 
 
 def test_ranks_stay_identical_and_equal_single_process_training(tmp_path):
@@ -71,7 +50,7 @@ def test_ranks_stay_identical_and_equal_single_process_training(tmp_path):
     assert len(names) > 50
     for name in names:
         np.testing.assert_array_equal(rank0[name], rank1[name], err_msg=name)
-    reference, losses = single_process_reference()
+    reference, losses = single_process_reference(tmp_path)
     assert set(reference) == set(names)
     for name in names:
         np.testing.assert_allclose(rank0[name], reference[name], rtol=1e-4, atol=2e-5, err_msg=name)

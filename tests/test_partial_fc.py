@@ -218,6 +218,9 @@ def test_export_and_resume_on_one_device(dist_run, reference, tmp_path):
     main_ckpt = str(dist_run / f"ArcFace-1_{STEPS}.ckpt")
     merged_ckpt = str(tmp_path / "merged.ckpt")
     assert export_merged_checkpoint(main_ckpt, merged_ckpt) == CLASSES
+    from src.partial_fc import main as merge_cli
+    assert merge_cli(["--merge", main_ckpt, "--output", str(tmp_path / "cli.ckpt")]) == 0
+    assert (tmp_path / "cli.ckpt").stat().st_size == os.path.getsize(merged_ckpt)
     net = reference_net(dist_run)
     step = nn.TrainOneStepCell(net, nn.SGD(net.trainable_params(), learning_rate=CFG["lr"],
                                            momentum=CFG["momentum"], weight_decay=CFG["weight_decay"]))

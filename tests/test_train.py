@@ -242,3 +242,21 @@ def test_sigterm_saves_the_last_completed_step(tiny_data, tmp_path):
     step = int(re.search(r"interrupted at global step (\d+)", text).group(1))
     assert step >= 3
     assert (out / f"ArcFace-1_{step}.ckpt").is_file()
+
+
+def test_fp16_backbone_with_dynamic_loss_scaling_trains(tiny_data, tmp_path):
+    """The GPU/Ascend default (--amp auto there), run on the CPU: fp16 body, loss-scaled step."""
+    out = tmp_path / "amp"
+    assert train.main(["--data_url", str(tiny_data[0]), "--train_url", str(out), "--amp", "O2", "--max_steps", "3"]
+                      + TINY_TRAIN_ARGS) == 0
+    assert "fp16 backbone + loss scaling" in (out / "train.log").read_text()
+    losses = [m["loss"] for m in read_metrics(out)]
+    assert len(losses) == 3 and np.isfinite(losses).all()
+    params, _ = read_checkpoint(str(out / "ArcFace-1_3.ckpt"))
+    assert params["backbone.conv1.weight"].dtype == ms_float32()  # master weights stay fp32
+    assert "scale_sense" in params
+
+
+def ms_float32():
+    import mindspore as ms
+    return ms.float32
