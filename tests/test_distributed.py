@@ -40,7 +40,7 @@ def single_process_reference(out):
                             env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     reference = dict(np.load(out / "reference.npz"))
-    return reference, reference.pop("losses")
+    return dict(np.load(out / "initial.npz")), reference, reference.pop("losses")
 
 
 def test_ranks_stay_identical_and_equal_single_process_training(tmp_path):
@@ -50,14 +50,17 @@ def test_ranks_stay_identical_and_equal_single_process_training(tmp_path):
     assert len(names) > 50
     for name in names:
         np.testing.assert_array_equal(rank0[name], rank1[name], err_msg=name)
-    reference, losses = single_process_reference(tmp_path)
+    initial, reference, losses = single_process_reference(tmp_path)
     assert set(reference) == set(names)
-    for name in names:
-        np.testing.assert_allclose(rank0[name], reference[name], rtol=1e-4, atol=2e-5, err_msg=name)
+    # CPU kernels are not bit-deterministic, and the gradient of a BatchNorm beta followed by
+    # another BatchNorm is mathematically ~0, i.e. rounding noise; so the parameters are compared as
+    # one vector, relative to how far training moved them (repeated single-process runs differ by
+    # up to ~2e-4 of it; summed instead of averaged gradients, or one rank's alone, by 50-100%).
+    moved = np.sqrt(sum(((reference[n] - initial[n]) ** 2).sum() for n in names))
+    apart = np.sqrt(sum(((rank0[n] - reference[n]) ** 2).sum() for n in names))
+    assert moved > 0.1 and apart <= 1e-3 * moved, (apart, moved)
     np.testing.assert_allclose(rank0["losses"], losses[:, 0], rtol=1e-4)
     np.testing.assert_allclose(rank1["losses"], losses[:, 1], rtol=1e-4)
-    # Training really moved the parameters.
-    assert not np.allclose(reference["head.weight"], 0)
 
 
 def test_train_py_under_msrun_shards_data_and_only_rank0_writes(tiny_data, tmp_path):

@@ -1,7 +1,8 @@
 """The data-parallel workers' steps in one process (run by tests/test_distributed.py in a fresh
 interpreter, so no earlier test's global state can touch it): per-shard gradients (each shard
 with its own BatchNorm batch statistics, as on its device) averaged, then the same SGD update.
-Saves the trainable parameters and per-shard losses as <out>/reference.npz."""
+Saves the initial and final trainable parameters (<out>/initial.npz, reference.npz) and the
+per-shard losses."""
 import os
 import sys
 
@@ -21,6 +22,7 @@ def main(out, steps):
 
     net = build_network(CFG, NUM_CLASSES)
     net.set_train(True)
+    np.savez(os.path.join(out, "initial.npz"), **{p.name: p.asnumpy() for p in net.trainable_params()})
     optimizer = nn.SGD(parameter_groups(net, CFG.weight_decay), learning_rate=0.1, momentum=CFG.momentum)
     grad_fn = ms.value_and_grad(net, None, optimizer.parameters)
     images, labels = global_batch()
