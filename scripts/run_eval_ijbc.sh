@@ -11,6 +11,13 @@ fi
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 IJB_PATH=$1; CKPT_PATH=$2
 TARGET=${3:-$(basename "$(realpath "$IJB_PATH")")}
-[[ "$TARGET" == "IJBB" || "$TARGET" == "IJBC" ]] || TARGET=IJBC
+TARGET=${TARGET^^}
+if [[ "$TARGET" != "IJBB" && "$TARGET" != "IJBC" ]]; then
+    if [ $# -ge 3 ]; then
+        echo "usage: bash $0 IJB_PATH CKPT_PATH [IJBB|IJBC] [DEVICE_ID]  (target '$3' is neither IJBB nor IJBC)" >&2
+        exit 2
+    fi
+    TARGET=IJBC   # a folder not named after its set
+fi
 "${PYTHON:-python}" "$ROOT/val.py" --eval_url "$IJB_PATH" --ckpt_url "$CKPT_PATH" --target "$TARGET" \
     --device_target "${DEVICE_TARGET:-Ascend}" --device_id "${4:-0}" --log eval.log --result_dir ijb_results

@@ -120,7 +120,7 @@ class CheckpointSaver(Callback):
         self.meta = dict(meta or {})
         self.last_saved_step = None
         os.makedirs(directory, exist_ok=True)
-        for stale in glob.glob(os.path.join(directory, ".tmp-*.ckpt")):
+        for stale in glob.glob(os.path.join(glob.escape(directory), ".tmp-*.ckpt")):
             os.remove(stale)
 
     def save(self, s: StepState):
@@ -154,7 +154,7 @@ class VerificationMonitor(Callback):
     `best.ckpt`."""
 
     def __init__(self, backbone, sets, interval, batch_size, save_cell, directory, meta=None,
-                 metrics_path=None, nfolds=10):
+                 metrics_path=None, nfolds=10, best=None):
         from src.embedders import MindSporeEmbedder
         self.backbone, self.sets, self.interval = backbone, sets, interval
         self.batch_size, self.nfolds = batch_size, nfolds
@@ -162,7 +162,7 @@ class VerificationMonitor(Callback):
         backbone.set_train(True)
         self.save_cell, self.directory, self.meta = save_cell, directory, dict(meta or {})
         self.metrics_path = metrics_path
-        self.best, self.last_step = None, None
+        self.best, self.last_step = best, None  # a resumed run keeps the best score so far
 
     def on_step_end(self, s: StepState):
         if s.global_step % self.interval == 0:
@@ -192,6 +192,18 @@ class VerificationMonitor(Callback):
             meta.update(self.meta)
             save_checkpoint_atomic(self.save_cell, os.path.join(self.directory, "best.ckpt"), meta)
             logger.info(f"best mean Accuracy-Flip {score:.5f} at step {s.global_step}: saved best.ckpt")
+
+
+def best_eval_score(metrics_path):
+    """The best mean Accuracy-Flip recorded in metrics.jsonl, or None."""
+    best = None
+    if os.path.isfile(metrics_path):
+        with open(metrics_path, encoding="utf-8") as fh:
+            for row in map(json.loads, fh):
+                if row.get("eval"):
+                    score = sum(row["eval"].values()) / len(row["eval"])
+                    best = score if best is None else max(best, score)
+    return best
 
 
 def plot_training_curve(metrics_path, image_path):

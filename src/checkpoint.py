@@ -20,6 +20,8 @@ META_KEYS = ("epoch", "step_in_epoch", "global_step")
 MODEL_KEYS = ("network", "width", "num_features")
 # Rebuilt from the config on every start, so a resumed run may change --epochs or --lr.
 NOT_RESTORED = ("learning_rate",)
+# Loss-scaling state: absent from fp32 checkpoints, so an fp32 run can resume with fp16 (defaults).
+OPTIONAL = ("scale_sense", "current_iterator_step", "last_overflow_iterator_step")
 
 
 def checkpoint_name(epoch, step_in_epoch):
@@ -29,7 +31,7 @@ def checkpoint_name(epoch, step_in_epoch):
 def list_checkpoints(directory):
     """Training checkpoints in `directory`, oldest first (ordered by epoch, then step)."""
     found = []
-    for path in glob.glob(os.path.join(directory, f"{CKPT_PREFIX}-*.ckpt")):
+    for path in glob.glob(os.path.join(glob.escape(directory), f"{CKPT_PREFIX}-*.ckpt")):
         match = _CKPT_RE.match(os.path.basename(path))
         if match:
             found.append((int(match.group(1)), int(match.group(2)), path))
@@ -39,7 +41,7 @@ def list_checkpoints(directory):
 def latest_checkpoint(directory):
     found = list_checkpoints(directory)
     if not found:
-        raise ArcFaceError(f"--resume auto: no {CKPT_PREFIX}-*.ckpt in {directory}")
+        raise ArcFaceError(f"no {CKPT_PREFIX}-*.ckpt checkpoint in {directory}")
     return found[-1]
 
 
@@ -93,7 +95,7 @@ def load_train_state(train_cell, path):
     _check_shapes(train_cell, params, path)
     ms.load_param_into_net(train_cell, params)
     missing = [p.name for p in train_cell.get_parameters()
-               if p.name not in params and not p.name.endswith(NOT_RESTORED)]
+               if p.name not in params and not p.name.endswith(NOT_RESTORED + OPTIONAL)]
     if missing:
         raise ArcFaceError(f"checkpoint {path} lacks {len(missing)} parameter(s) of this model, "
                            f"e.g. {missing[0]} (another --network?)")

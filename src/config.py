@@ -97,6 +97,7 @@ def parse_margin(text):
 def _str2bool(text):
     if isinstance(text, bool):
         return text
+    text = str(text)
     if text.lower() in ("1", "true", "yes", "y", "on"):
         return True
     if text.lower() in ("0", "false", "no", "n", "off"):
@@ -175,6 +176,11 @@ def validate(cfg):
                  "eval_batch_size"):
         if getattr(cfg, name) < 1:
             raise ArcFaceError(f"--{name} must be at least 1")
+    for name in ("max_steps", "save_interval", "warmup_epochs"):
+        if getattr(cfg, name) < 0:
+            raise ArcFaceError(f"--{name} must not be negative")
+    if cfg.num_workers < 1:
+        raise ArcFaceError("--num_workers must be at least 1")
     if cfg.lr <= 0:
         raise ArcFaceError("--lr must be positive")
     if cfg.num_classes < 0:

@@ -72,6 +72,8 @@ class OnnxEmbedder:
 
     def __init__(self, path, device_target="CPU", input_mean=127.5, input_std=127.5, log=None):
         import onnxruntime as ort
+        if input_std <= 0:
+            raise ArcFaceError(f"--input_std must be positive, got {input_std}")
         if not os.path.isfile(path):
             raise ArcFaceError(f"ONNX file not found: {path}")
         providers = ["CPUExecutionProvider"]

@@ -1,4 +1,5 @@
-"""The evaluation entry shared by val.py, eval_onnx.py, eval_ijbc_onnx.py and postprocess.py.
+"""The evaluation entry shared by val.py and eval_onnx.py (eval_ijbc_onnx.py and postprocess.py call
+the IJB and verification protocols it dispatches to directly).
 
 Every caller provides an embedder (MindSpore network, MINDIR, ONNX Runtime session or
 precomputed features); the targets decide the protocol: `IJBB`/`IJBC` run the IJB 1:1

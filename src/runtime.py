@@ -62,8 +62,15 @@ def setup(device_target="CPU", device_id=0, mode="graph", seed=None, distributed
     if distributed:
         from mindspore.communication import init, get_rank, get_group_size
         from mindspore.context import ParallelMode
-        init()
-        rank, group_size = get_rank(), get_group_size()
+        try:
+            init()
+            rank, group_size = get_rank(), get_group_size()
+        except RuntimeError as exc:
+            launch_vars = ", ".join(f"{v}={os.environ[v]}" for v in ("MS_WORKER_NUM", "OMPI_COMM_WORLD_SIZE",
+                                                                      "RANK_SIZE", "RANK_TABLE_FILE")
+                                    if v in os.environ)
+            raise ArcFaceError(f"cannot start distributed training ({launch_vars}): {str(exc).strip().splitlines()[0]}; "
+                               f"launch with scripts/run_distribute_train*.sh, or unset these for one device") from None
         ms.set_auto_parallel_context(parallel_mode=ParallelMode.DATA_PARALLEL, gradients_mean=True,
                                      device_num=group_size)
     if seed is not None:

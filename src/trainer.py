@@ -12,8 +12,8 @@ from mindspore import nn, ops
 from src import runtime
 from src.backbones import get_backbone
 from src.callbacks import (CheckpointSaver, CurvePlotter, LossMonitor, StepState, VerificationMonitor,
-                           setup_logging)
-from src.checkpoint import latest_checkpoint, load_backbone, load_train_state, read_checkpoint
+                           best_eval_score, setup_logging)
+from src.checkpoint import latest_checkpoint, list_checkpoints, load_backbone, load_train_state, read_checkpoint
 from src.dataset import checked_iterator, create_train_dataset, open_source, resolve_num_classes
 from src.errors import ArcFaceError
 from src.loss import CombinedMarginHead
@@ -145,6 +145,16 @@ def train(cfg):
         logger.warning(f"--device_num {cfg.device_num} but {rt.group_size} process(es) were launched: "
                        f"using {rt.group_size}")
 
+    existing = list_checkpoints(output_dir)
+    if existing and not cfg.resume:
+        # A fresh run would mix its checkpoints with these (and prune its own first).
+        raise ArcFaceError(f"{output_dir} already holds checkpoints ({os.path.basename(existing[-1])}): "
+                           f"use --resume auto to continue, or another --train_url")
+    eval_targets = [t for t in cfg.eval_targets.split(",") if t]
+    if cfg.eval_url and not any(os.path.isfile(os.path.join(cfg.eval_url, f"{t}.bin")) for t in eval_targets):
+        # Checked on every rank: only rank 0 evaluates, the others would wait for it forever.
+        raise ArcFaceError(f"--eval_url {cfg.eval_url}: none of {', '.join(eval_targets)} found")
+
     source = open_source(data_dir)
     num_classes = resolve_num_classes(source, cfg.num_classes, data_dir)
     dataset = create_train_dataset(source, cfg.batch_size, rt.rank, rt.group_size, cfg.num_workers,
@@ -184,6 +194,8 @@ def train(cfg):
         if start_step >= total_steps:
             logger.info(f"nothing to do: the checkpoint is at step {start_step} of {total_steps}")
             return None
+        # A new shuffle for the resumed run instead of replaying the first run's order.
+        ms.dataset.config.set_seed(cfg.seed + start_step)
 
     global_batch = cfg.batch_size * rt.group_size
     logger.info(f"{cfg.network} {cfg.margin} | {source.kind} {data_dir}: {len(source)} images, "
@@ -205,12 +217,10 @@ def train(cfg):
         callbacks.append(CheckpointSaver(checkpoint_cell, output_dir, cfg.save_interval, cfg.keep_checkpoint_max,
                                          meta=model))
         if cfg.eval_url:
-            sets = load_sets(cfg.eval_url, [t for t in cfg.eval_targets.split(",") if t], log=logger.info,
-                             progress=False)
-            if not sets:
-                raise ArcFaceError(f"--eval_url {cfg.eval_url}: none of {cfg.eval_targets} found")
+            sets = load_sets(cfg.eval_url, eval_targets, log=logger.info, progress=False)
             callbacks.append(VerificationMonitor(net.backbone, sets, cfg.eval_interval, cfg.eval_batch_size,
-                                                 checkpoint_cell, output_dir, model, metrics))
+                                                 checkpoint_cell, output_dir, model, metrics,
+                                                 best=best_eval_score(metrics) if cfg.resume else None))
         callbacks.append(CurvePlotter(metrics, os.path.join(output_dir, "training_curve.png")))
     # A scheduler's SIGTERM is handled like Ctrl-C: the last completed step is saved.
     previous_handler = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)

@@ -90,7 +90,8 @@ def test_onnx_embedder_applies_the_models_own_normalisation(tmp_path):
     np.testing.assert_allclose(out, [[0.0] * 3, [100.0] * 3, [255.0] * 3], atol=1e-3)
 
 
-@pytest.mark.parametrize("case", ["not_onnx", "wrong_input", "other_network", "air_on_cpu", "missing_ckpt"])
+@pytest.mark.parametrize("case", ["not_onnx", "wrong_input", "other_network", "air_on_cpu", "missing_ckpt",
+                                  "zero_std"])
 def test_bad_input_is_one_clear_line(case, exported, tiny_data, tmp_path, capsys):
     if case == "not_onnx":
         bad = tmp_path / "model.onnx"
@@ -117,9 +118,14 @@ def test_bad_input_is_one_clear_line(case, exported, tiny_data, tmp_path, capsys
         code = run_main(export.main, ["--ckpt_file", exported["ckpt"], "--file_format", "AIR",
                                       "--file_name", str(tmp_path / "m")])
         expected = "AIR export needs an Ascend device"
-    else:
+    elif case == "missing_ckpt":
         code = run_main(export.main, ["--ckpt_file", str(tmp_path / "none.ckpt")])
         expected = "checkpoint not found"
+    else:
+        code = run_main(eval_onnx.main, ["--eval_url", str(tiny_data[1].parent), "--target", "demo",
+                                         "--onnx_url", exported["onnx"], "--input_std", "0",
+                                         "--log", str(tmp_path / "x.log")])
+        expected = "--input_std must be positive"
     assert code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("error: ") and expected in err, err

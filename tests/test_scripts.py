@@ -36,3 +36,10 @@ def test_standalone_cpu_training_writes_to_the_device_folder(tiny_data, tmp_path
                         tmp_path)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "standalone_train" / "device0" / "ArcFace-1_2.ckpt").is_file()
+
+
+def test_ijb_scripts_reject_an_unknown_target(tmp_path):
+    result = run_script("run_eval_ijbc.sh", [tmp_path, tmp_path / "x.ckpt", "IJBX"], tmp_path)
+    assert result.returncode == 2 and "neither IJBB nor IJBC" in result.stderr
+    result = run_script("run_eval_ijbc_onnx.sh", [tmp_path, tmp_path / "x.onnx", "nope", "CPU"], tmp_path)
+    assert result.returncode == 2 and "usage: bash" in result.stderr

@@ -141,7 +141,8 @@ def test_keeps_only_the_newest_checkpoints(tmp_path):
     assert [os.path.basename(p) for p in list_checkpoints(tmp_path)] == ["ArcFace-1_4.ckpt", "ArcFace-1_5.ckpt"]
 
 
-@pytest.mark.parametrize("case", ["missing", "neither", "empty", "num_classes", "config", "config_key"])
+@pytest.mark.parametrize("case", ["missing", "neither", "empty", "num_classes", "config", "config_key",
+                                  "negative", "used_folder"])
 def test_bad_input_is_one_clear_line(case, tiny_data, tmp_path, capsys):
     args = ["--train_url", str(tmp_path / "out")]
     if case == "missing":
@@ -163,10 +164,18 @@ def test_bad_input_is_one_clear_line(case, tiny_data, tmp_path, capsys):
         (tmp_path / "bad.yaml").write_text("lr: [unclosed\n")
         args += ["--config", str(tmp_path / "bad.yaml")]
         expected = "is not valid yaml"
-    else:
+    elif case == "config_key":
         (tmp_path / "bad.yaml").write_text("learning_rate: 0.1\n")
         args += ["--config", str(tmp_path / "bad.yaml")]
         expected = "unknown option(s) learning_rate"
+    elif case == "negative":
+        args += ["--data_url", str(tiny_data[0]), "--max_steps", "-1"]
+        expected = "--max_steps must not be negative"
+    else:
+        (tmp_path / "out").mkdir()
+        (tmp_path / "out" / "ArcFace-3_10.ckpt").write_bytes(b"an earlier run")
+        args += ["--data_url", str(tiny_data[0])]
+        expected = "already holds checkpoints (ArcFace-3_10.ckpt): use --resume auto"
     assert run_main(train.main, args) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("error: ") and expected in err, err
@@ -260,3 +269,16 @@ def test_fp16_backbone_with_dynamic_loss_scaling_trains(tiny_data, tmp_path):
 def ms_float32():
     import mindspore as ms
     return ms.float32
+
+
+def test_yaml_values_are_converted_and_best_score_is_read_back(tmp_path):
+    from src.callbacks import best_eval_score
+    from src.config import parse_train_args
+    (tmp_path / "c.yaml").write_text("skip_corrupt: 1\npartial_fc: no\nschedule: [3, 5]\nlr: 0.2\n")
+    cfg = parse_train_args(["--config", str(tmp_path / "c.yaml"), "--lr", "0.3"])
+    assert cfg.skip_corrupt is True and cfg.partial_fc is False and cfg.schedule == [3, 5] and cfg.lr == 0.3
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text('{"step": 1, "loss": 3.0}\n{"step": 2, "eval": {"a": 0.9, "b": 0.8}}\n'
+                       '{"step": 4, "eval": {"a": 0.7, "b": 0.8}}\n')
+    assert best_eval_score(str(metrics)) == pytest.approx(0.85)
+    assert best_eval_score(str(tmp_path / "none.jsonl")) is None
