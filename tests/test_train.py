@@ -65,8 +65,9 @@ def test_resume_continues_at_the_right_step_with_the_same_lr(trained_run, tiny_d
     params, meta = read_checkpoint(str(out / "ArcFace-4_8.ckpt"))
     assert meta["global_step"] == 32
     assert int(params["global_step"].asnumpy().reshape(-1)[0]) == 32
-    # First resumed loss continues from where the first run was, not from a fresh network.
-    assert resumed[0]["loss"] < original[0]["loss"]
+    # The resumed epoch continues from the trained network, not from a fresh one.
+    resumed_losses, first_epoch = [m["loss"] for m in resumed[:8]], [m["loss"] for m in original[:8]]
+    assert np.mean(resumed_losses) < 0.85 * np.mean(first_epoch), (resumed_losses, first_epoch)
 
 
 def test_resume_rejects_checkpoint_of_another_network(trained_run, tiny_data, tmp_path, capsys):
