@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from tqdm import tqdm
 
-from src.checkpoint import checkpoint_name, list_checkpoints, save_checkpoint_atomic
+from src.checkpoint import checkpoint_name, list_checkpoints, remove_checkpoint, save_checkpoint_atomic
 
 logger = logging.getLogger("arcface")
 
@@ -132,7 +132,7 @@ class CheckpointSaver(Callback):
         save_checkpoint_atomic(self.cell, path, meta)
         self.last_saved_step = s.global_step
         for old in list_checkpoints(self.directory)[:-self.keep]:
-            os.remove(old)
+            remove_checkpoint(old)
         logger.info(f"saved checkpoint {path}")
 
     def on_step_end(self, s: StepState):

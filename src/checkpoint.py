@@ -38,11 +38,25 @@ def list_checkpoints(directory):
     return [path for _, _, path in sorted(found)]
 
 
-def latest_checkpoint(directory):
+def latest_checkpoint(directory, usable=None):
+    """The newest checkpoint in `directory` (for which `usable(path)` holds, when given)."""
     found = list_checkpoints(directory)
     if not found:
         raise ArcFaceError(f"no {CKPT_PREFIX}-*.ckpt checkpoint in {directory}")
-    return found[-1]
+    for path in reversed(found):
+        if usable is None or usable(path):
+            return path
+    raise ArcFaceError(f"none of the {len(found)} checkpoints in {directory} is complete")
+
+
+def remove_checkpoint(path):
+    """Delete a checkpoint and the Partial FC head shards written next to it."""
+    stem = path[:-len(".ckpt")]
+    for victim in [path] + glob.glob(glob.escape(stem) + ".head-r*of*.ckpt"):
+        try:
+            os.remove(victim)
+        except FileNotFoundError:  # another rank pruned its shard first
+            pass
 
 
 def save_checkpoint_atomic(cell, path, meta=None):

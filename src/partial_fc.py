@@ -396,6 +396,11 @@ def find_head_shards(checkpoint_path):
     return found
 
 
+def has_complete_shards(checkpoint_path):
+    """True when every rank of some world size wrote its head shard next to `checkpoint_path`."""
+    return any(len(ranks) == world for world, ranks in find_head_shards(checkpoint_path).items())
+
+
 def head_state_names(train_cell, head):
     """Names of the sharded state in `train_cell`: the head's weight and the optimizer slots of it
     (for nn.SGD `accum.head.weight` and `stat.head.weight`)."""
@@ -581,7 +586,10 @@ class HeadShardSaver(CheckpointSaver):
             if match:
                 own.append((int(match.group(1)), int(match.group(2)), other))
         for _, _, old in sorted(own)[:-self.keep]:
-            os.remove(old)
+            try:
+                os.remove(old)
+            except FileNotFoundError:  # rank 0 removed it with its main checkpoint
+                pass
 
 
 def main(argv=None):

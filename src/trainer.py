@@ -17,7 +17,7 @@ from src.checkpoint import latest_checkpoint, list_checkpoints, load_backbone, l
 from src.dataset import checked_iterator, create_train_dataset, open_source, resolve_num_classes
 from src.errors import ArcFaceError
 from src.loss import CombinedMarginHead
-from src.partial_fc import (HeadShardSaver, PartialFCHead, build_partial_fc_train_step,
+from src.partial_fc import (HeadShardSaver, PartialFCHead, build_partial_fc_train_step, has_complete_shards,
                             load_partial_fc_train_state, main_checkpoint_entries, split_head)
 from src.lr_schedule import scaled_lr, step_lr
 from src.verification import load_sets
@@ -183,7 +183,9 @@ def train(cfg):
 
     start_step = 0
     if cfg.resume:
-        path = latest_checkpoint(output_dir) if cfg.resume == "auto" else cfg.resume
+        # With Partial FC, the newest checkpoint whose head shards were all written.
+        complete = has_complete_shards if cfg.partial_fc else None
+        path = latest_checkpoint(output_dir, complete) if cfg.resume == "auto" else cfg.resume
         if cfg.partial_fc:
             meta = load_partial_fc_train_state(train_step, net.head, path)
         else:

@@ -283,3 +283,21 @@ def test_yaml_values_are_converted_and_best_score_is_read_back(tmp_path):
                        '{"step": 4, "eval": {"a": 0.7, "b": 0.8}}\n')
     assert best_eval_score(str(metrics)) == pytest.approx(0.85)
     assert best_eval_score(str(tmp_path / "none.jsonl")) is None
+
+
+def test_pruning_removes_head_shards_and_auto_resume_skips_incomplete_sets(tmp_path):
+    import mindspore as ms
+    from src.checkpoint import latest_checkpoint
+    from src.partial_fc import has_complete_shards
+    saver = CheckpointSaver(ms.nn.Dense(2, 2), str(tmp_path), interval=1, keep=1)
+    saver.on_step_end(StepState(1, 1, 1, 10, 10, 1.0, 0.1, 0.1, 8))
+    for rank in (0, 1):
+        (tmp_path / f"ArcFace-1_1.head-r{rank}of2.ckpt").write_bytes(b"shard")
+    saver.on_step_end(StepState(1, 2, 2, 10, 10, 1.0, 0.1, 0.1, 8))
+    assert sorted(os.listdir(tmp_path)) == ["ArcFace-1_2.ckpt"]  # old shards went with their checkpoint
+    (tmp_path / "ArcFace-1_2.head-r0of2.ckpt").write_bytes(b"shard")
+    (tmp_path / "ArcFace-1_2.head-r1of2.ckpt").write_bytes(b"shard")
+    shutil.copy(tmp_path / "ArcFace-1_2.ckpt", tmp_path / "ArcFace-1_3.ckpt")
+    (tmp_path / "ArcFace-1_3.head-r0of2.ckpt").write_bytes(b"rank 1 was killed before writing its shard")
+    assert os.path.basename(latest_checkpoint(str(tmp_path), has_complete_shards)) == "ArcFace-1_2.ckpt"
+    assert os.path.basename(latest_checkpoint(str(tmp_path))) == "ArcFace-1_3.ckpt"
