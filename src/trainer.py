@@ -120,6 +120,9 @@ def resolve_amp(cfg):
     return cfg.amp == "O2"
 
 
+MODELARTS_CACHE = "/cache"  # the local disk of a ModelArts job
+
+
 def _modelarts_sync(src, dst):
     try:
         import moxing as mox
@@ -138,8 +141,10 @@ def train(cfg):
     output_dir = cfg.train_url
     data_dir = cfg.data_url
     if cfg.modelarts:
-        data_dir, output_dir = "/cache/data", "/cache/output"
+        data_dir, output_dir = os.path.join(MODELARTS_CACHE, "data"), os.path.join(MODELARTS_CACHE, "output")
         _modelarts_sync(cfg.data_url, data_dir)
+        if cfg.resume:
+            _modelarts_sync(cfg.train_url, output_dir)  # the checkpoints to continue from
     setup_logging(output_dir, main=rt.is_main)
     if cfg.device_num > 1 and cfg.device_num != rt.group_size:
         logger.warning(f"--device_num {cfg.device_num} but {rt.group_size} process(es) were launched: "

@@ -301,3 +301,28 @@ def test_pruning_removes_head_shards_and_auto_resume_skips_incomplete_sets(tmp_p
     (tmp_path / "ArcFace-1_3.head-r0of2.ckpt").write_bytes(b"rank 1 was killed before writing its shard")
     assert os.path.basename(latest_checkpoint(str(tmp_path), has_complete_shards)) == "ArcFace-1_2.ckpt"
     assert os.path.basename(latest_checkpoint(str(tmp_path))) == "ArcFace-1_3.ckpt"
+
+
+def test_modelarts_copies_data_in_results_out_and_resumes(tiny_data, tmp_path, monkeypatch, capsys):
+    """moxing exists only on ModelArts: a stand-in copies folders like mox.file.copy_parallel."""
+    import sys
+    import types
+    import src.trainer
+    monkeypatch.setattr(src.trainer, "MODELARTS_CACHE", str(tmp_path / "cache"))
+    args = ["--modelarts", "true", "--data_url", str(tiny_data[0]), "--train_url", str(tmp_path / "obs"),
+            "--network", "r18", "--width", "8", "--batch_size", "8", "--num_workers", "1", "--epochs", "2"]
+    monkeypatch.setitem(sys.modules, "moxing", None)
+    assert run_main(train.main, args + ["--max_steps", "1"]) == 2
+    assert "--modelarts needs the moxing package" in capsys.readouterr().err
+
+    def copy_parallel(src, dst):
+        shutil.copytree(src, dst, dirs_exist_ok=True)
+    fake = types.SimpleNamespace(file=types.SimpleNamespace(copy_parallel=copy_parallel))
+    monkeypatch.setitem(sys.modules, "moxing", fake)
+    assert train.main(args + ["--max_steps", "8"]) == 0
+    assert (tmp_path / "cache" / "data" / "train.rec").is_file()
+    assert (tmp_path / "obs" / "ArcFace-1_8.ckpt").is_file() and (tmp_path / "obs" / "train.log").is_file()
+    shutil.rmtree(tmp_path / "cache")  # a new job starts with an empty local disk
+    assert train.main(args + ["--resume", "auto"]) == 0
+    assert "resumed from" in (tmp_path / "obs" / "train.log").read_text()
+    assert (tmp_path / "obs" / "ArcFace-2_8.ckpt").is_file()
