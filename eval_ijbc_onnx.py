@@ -32,9 +32,9 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    from src.embedders import OnnxEmbedder
-    from src.evaluation import ResultLog
-    from src.ijb import evaluate_ijb
+    from src.evaluation.embedders import OnnxEmbedder
+    from src.evaluation.evaluate import ResultLog
+    from src.evaluation.ijb import evaluate_ijb
 
     with ResultLog(args.log or f"eval_onnx_{args.target}.log") as log:
         embedder = OnnxEmbedder(args.onnx_url, args.device_target, args.input_mean, args.input_std, log=log)

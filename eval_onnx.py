@@ -32,8 +32,8 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    from src.embedders import OnnxEmbedder
-    from src.evaluation import ResultLog, run_evaluation, split_targets
+    from src.evaluation.embedders import OnnxEmbedder
+    from src.evaluation.evaluate import ResultLog, run_evaluation, split_targets
 
     targets = split_targets(args.target)
     with ResultLog(args.log) as log:

@@ -29,9 +29,9 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     from src import runtime
-    from src.embedders import backbone_from_checkpoint
-    from src.exporting import export_backbone
+    from src.deploy.exporting import export_backbone
     from src.errors import ArcFaceError
+    from src.evaluation.embedders import backbone_from_checkpoint
 
     if args.file_format == "AIR" and args.device_target != "Ascend":
         raise ArcFaceError("AIR export needs an Ascend device (--device_target Ascend); use MINDIR or ONNX here")

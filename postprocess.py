@@ -20,8 +20,8 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    from src.offline import read_embeddings
-    from src.verification import evaluate, format_lines
+    from src.deploy.offline import read_embeddings
+    from src.evaluation.verification import evaluate, format_lines
     emb, emb_flip, issame = read_embeddings(args.result_dir, args.label_dir, args.data_set, args.batch_size)
     for line in format_lines(args.data_set, evaluate(emb, issame, emb_flip, nfolds=args.nfolds)):
         print(line)

@@ -22,7 +22,7 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    from src.offline import write_batches
+    from src.deploy.offline import write_batches
     name = write_batches(args.dataset_path, args.result_dir, args.label_dir, args.batch_size,
                          progress=sys.stderr.isatty())
     print(f"wrote the batches of {name} to {args.result_dir} and its labels to {args.label_dir}")

@@ -12,9 +12,9 @@ from src.cli import run_main
 
 def main(argv=None):
     from src.config import parse_train_args
-    cfg = parse_train_args(argv, description=__doc__)
-    from src.trainer import train  # imports MindSpore: after --help and argument errors
-    train(cfg)
+    cfg, given = parse_train_args(argv, description=__doc__)
+    from src.training.trainer import train  # imports MindSpore: after --help and argument errors
+    train(cfg, given)
     return 0
 
 

@@ -38,8 +38,8 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     from src import runtime
-    from src.embedders import MindSporeEmbedder, backbone_from_checkpoint
-    from src.evaluation import ResultLog, run_evaluation, split_targets
+    from src.evaluation.embedders import MindSporeEmbedder, backbone_from_checkpoint
+    from src.evaluation.evaluate import ResultLog, run_evaluation, split_targets
 
     targets = split_targets(args.target)
     runtime.setup(args.device_target, args.device_id, distributed=False)

@@ -40,22 +40,17 @@ import sys
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 
+from src.heads.sharding import num_sampled_centres  # noqa: E402  (plain Python: no MindSpore import)
+
 GB = 1024 ** 3
 HEAD_SHARE = 0.5          # of the device memory, for the head (see the docstring)
 CPU_LOGIT_BUFFERS = 30   # N x k float32 buffers alive at the head's peak on CPU, graph mode (measured)
 
 
-def num_sampled(local, rate, global_batch):
-    # Same rule as src.partial_fc.num_sampled_centres, without importing MindSpore.
-    if rate >= 1.0:
-        return local
-    return min(local, max(math.ceil(rate * local), global_batch))
-
-
 def head_bytes(num_classes, ranks, rate, dim, batch_per_device, logit_buffers=6):
     local = math.ceil(num_classes / ranks)
     global_batch = batch_per_device * ranks
-    k = num_sampled(local, rate, global_batch)
+    k = num_sampled_centres(local, rate, global_batch)
     sizes = {"local": local, "k": k, "weight": local * dim * 4, "grad": local * dim * 4,
              "state": local * dim * 8, "logits": global_batch * k * 4}
     sizes["peak"] = sizes["weight"] + sizes["grad"] + sizes["state"] + logit_buffers * sizes["logits"]
@@ -139,11 +134,14 @@ def measure_case(local, dim, global_batch, rate):
     """One rank's shard of `local` classes, a global batch of `global_batch`: sizes of what the code
     creates and the peak RSS growth of a train step (graph mode, compile included)."""
     import numpy as np
+
     from src import runtime
     runtime.setup("CPU", mode="graph", seed=0, distributed=False)
     import mindspore as ms
-    from mindspore import nn, Tensor
-    from src.partial_fc import PartialFCHead, PartialFCTrainStep
+    from mindspore import Tensor, nn
+
+    from src.heads.classifier import PartialFC
+    from src.training.step import TrainStep
 
     class Identity(nn.Cell):
         def construct(self, x):
@@ -162,20 +160,20 @@ def measure_case(local, dim, global_batch, rate):
     x = Tensor(rng.normal(size=(global_batch, dim)).astype(np.float32))
     y = Tensor(rng.integers(0, local, global_batch).astype(np.int32))
     # warm-up of the runtime with a tiny head, so that the growth below is the big head's
-    tiny = HeadOnly(PartialFCHead(16, dim, rank=0, world_size=1, sample_rate=rate))
-    PartialFCTrainStep(tiny, nn.SGD(tiny.trainable_params(), learning_rate=0.1, momentum=0.9))(
+    tiny = HeadOnly(PartialFC(16, dim, rank=0, world_size=1, sample_rate=rate))
+    TrainStep(tiny, nn.SGD(tiny.trainable_params(), learning_rate=0.1, momentum=0.9))(
         x, Tensor(np.zeros(global_batch, np.int32)))
     base = _rss()
-    head = PartialFCHead(local, dim, rank=0, world_size=1, sample_rate=rate)
+    head = PartialFC(local, dim, rank=0, world_size=1, sample_rate=rate)
     net = HeadOnly(head)
     optimizer = nn.SGD(net.trainable_params(), learning_rate=0.1, momentum=0.9)
-    step = PartialFCTrainStep(net, optimizer)
+    step = TrainStep(net, optimizer)
     built = _rss()
-    step(x, y).asnumpy()
+    step(x, y)[0].asnumpy()
     peak = _peak_rss()
     after = _rss()
     state = sum(p.asnumpy().nbytes for p in step.get_parameters() if p.name.startswith(("accum.", "stat.")))
-    grads = step.grads(x, y, Tensor(1.0, ms.float32))[1]
+    grads = step.gradients(x, y, Tensor(1.0, ms.float32))[1]
     logits, _ = head.local_logits(x, y)
     return {"weight": head.weight.asnumpy().nbytes, "state": state, "grad": grads[0].asnumpy().nbytes,
             "grad_shape": list(grads[0].shape), "logits": logits.asnumpy().nbytes, "k": int(logits.shape[1]),

@@ -26,11 +26,13 @@ def main(argv=None):
 
     import numpy as np
     from prettytable import PrettyTable
+
     from src import runtime
     runtime.setup(args.device_target, seed=0, distributed=False)
     import mindspore as ms
+
     from src.config import TrainConfig
-    from src.trainer import build_network, build_train_step, resolve_amp
+    from src.training.trainer import build_network, build_step, resolve_amp
 
     table = PrettyTable(["network", "batch", "precision", "compile+1st step s", "train img/s", "infer img/s"])
     x = ms.Tensor(np.random.default_rng(0).uniform(-1, 1, (args.batch_size, 3, 112, 112)).astype(np.float32))
@@ -40,7 +42,7 @@ def main(argv=None):
                           device_target=args.device_target)
         fp16 = resolve_amp(cfg)
         net = build_network(cfg, args.num_classes, fp16=fp16)
-        step = build_train_step(net, np.full(args.steps + 1, 0.01, np.float32), cfg, fp16)
+        step = build_step(cfg, net, np.full(args.steps + 1, 0.01, np.float32), fp16)
         step.set_train(True)
         tick = time.time()
         step(x, y)
@@ -48,7 +50,7 @@ def main(argv=None):
         tick = time.time()
         for _ in range(args.steps):
             out = step(x, y)
-        (out[0] if isinstance(out, tuple) else out).asnumpy()
+        out[0].asnumpy()
         train_ips = args.batch_size * args.steps / (time.time() - tick)
         backbone = net.backbone
         backbone.set_train(False)

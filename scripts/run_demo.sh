@@ -13,7 +13,7 @@ stage() { echo; echo "==== [demo] $1 ($((SECONDS - start)) s)"; }
 
 if [ ! -f "$DATA/demo.bin" ] || [ ! -f "$DATA/train/train.rec" ]; then
     stage "generating synthetic identities"
-    "$PYTHON" -m src.demo_data --output "$DATA"
+    "$PYTHON" -m src.data.demo_data --output "$DATA"
 fi
 rm -rf "$OUT"   # the demo always trains from scratch
 stage "training"

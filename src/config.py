@@ -1,12 +1,19 @@
-"""Training configuration: defaults, a yaml file and the command line merged in that order.
+"""Training configuration: defaults, a yaml file and the command line merged in that order, validated
+once, and recorded.
 
-Every option has one definition here (name, type, default, help), so `train.py --help`, the yaml
-files in `configs/` and the code that reads the config agree by construction.
+Every option has one definition here (name, type, default, allowed values, help, and whether a
+resumed run may change it), so `train.py --help`, the yaml files in `configs/`, validation, the run
+record and the code that reads the config agree by construction.
+
+The run record: training writes the resolved options as `config.yaml` into its output folder and
+into every checkpoint (`record_text`). A resumed run starts from the record of its checkpoint;
+options given again may change what is safe to change (epochs, lr, evaluation, ...), while a change
+of an option marked `fixed` (what the network and its loss are) is refused (`resume_config`).
 """
 import argparse
+import math
 import os
 from dataclasses import MISSING, asdict, dataclass, field, fields
-from typing import List
 
 import yaml
 
@@ -15,72 +22,82 @@ from src.errors import ArcFaceError
 MARGINS = {"arcface": (1.0, 0.5, 0.0), "cosface": (1.0, 0.0, 0.4), "softmax": (1.0, 0.0, 0.0)}
 
 
+def option(default, help, *, fixed=False, choices=None, low=None, above=None, high=None):
+    """An option: `fixed` options cannot change on --resume; `choices` lists the allowed values;
+    numbers must be finite and >= `low` / > `above` / <= `high` when given."""
+    meta = {"help": help, "fixed": fixed, "choices": choices, "low": low, "above": above, "high": high}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
 @dataclass
 class TrainConfig:
     # Data and output (the model zoo's names)
-    data_url: str = field(default="", metadata={"help": "training data: a RecordIO folder "
-                                                "(train.rec/train.idx[/property]) or an ImageFolder"})
-    train_url: str = field(default="outputs", metadata={"help": "output folder for checkpoints and logs"})
-    ckpt_url: str = field(default="", metadata={"help": "checkpoint to initialise the backbone (and the head "
-                                                "when shapes match) from; use --resume to continue a run"})
-    resume: str = field(default="", metadata={"help": "checkpoint to resume from (weights, head, optimizer, "
-                                              "epoch/step), or 'auto' for the latest in --train_url"})
+    data_url: str = option("", "training data: a RecordIO folder (train.rec/train.idx[/property]), an ImageFolder "
+                               "or a MindRecord folder")
+    train_url: str = option("outputs", "output folder for checkpoints, logs and config.yaml")
+    ckpt_url: str = option("", "checkpoint to initialise the backbone (and the head when its classes match) from; "
+                               "use --resume to continue a run")
+    resume: str = option("", "checkpoint to resume from (weights, head, optimizer, epoch/step, recorded options), "
+                             "or 'auto' for the newest in --train_url")
     # Device
-    device_target: str = field(default="CPU", metadata={"help": "Ascend, GPU or CPU"})
-    device_id: int = field(default=0, metadata={"help": "device used by standalone training"})
-    device_num: int = field(default=1, metadata={"help": "number of devices; the launched world size "
-                                                 "is read from mindspore.communication"})
-    modelarts: bool = field(default=False, metadata={"help": "copy data from/results to OBS with moxing"})
-    mode: str = field(default="graph", metadata={"help": "graph (fast) or pynative (debugging)"})
+    device_target: str = option("CPU", "Ascend, GPU or CPU", choices=("Ascend", "GPU", "CPU"))
+    device_id: int = option(0, "device used by standalone training", low=0)
+    device_num: int = option(1, "number of devices; the launched world size is read from mindspore.communication",
+                             low=1)
+    modelarts: bool = option(False, "copy data from/results to OBS with moxing")
+    mode: str = option("graph", "graph (fast) or pynative (debugging)", choices=("graph", "pynative"))
     # Model
-    network: str = field(default="r100", metadata={"help": "backbone: r18 r34 r50 r100 r200 mbf"})
-    width: int = field(default=64, metadata={"help": "iresnet channels of the first stage (64 is the "
-                                             "published network; 16 trains ~10x faster for experiments)"})
-    num_features: int = field(default=512, metadata={"help": "embedding size"})
-    dropout: float = field(default=0.0, metadata={"help": "dropout before the embedding layer"})
-    margin: str = field(default="arcface", metadata={"help": "arcface, cosface, softmax or 'm1,m2,m3' for "
-                                                     "the combined margin cos(m1*t+m2)-m3"})
-    scale: float = field(default=64.0, metadata={"help": "logit scale s"})
-    num_classes: int = field(default=0, metadata={"help": "identities; 0 reads the dataset's own count"})
-    partial_fc: bool = field(default=False, metadata={"help": "Partial FC: shard the head's class centres over "
-                                                      "the ranks (for heads too large for one device)"})
-    sample_rate: float = field(default=1.0, metadata={"help": "with --partial_fc: share of each rank's class "
-                                                      "centres used per step (all positives kept); 1 = all"})
+    network: str = option("r100", "backbone: r18 r34 r50 r100 r200 mbf", fixed=True)
+    width: int = option(64, "iresnet channels of the first stage (64 is the published network; 16 trains ~10x "
+                            "faster for experiments)", fixed=True, low=1)
+    num_features: int = option(512, "embedding size", fixed=True, low=1)
+    dropout: float = option(0.0, "dropout before the embedding layer", low=0.0, high=0.999)
+    margin: str = option("arcface", "arcface, cosface, softmax or 'm1,m2,m3' for the combined margin "
+                                    "cos(m1*t+m2)-m3", fixed=True)
+    scale: float = option(64.0, "logit scale s", fixed=True, above=0.0)
+    num_classes: int = option(0, "identities; 0 reads the dataset's own count", fixed=True, low=0)
+    partial_fc: bool = option(False, "kept for old commands and configs, no effect: the head's class centres are "
+                                     "always sharded over the ranks (see --sample_rate)")
+    sample_rate: float = option(1.0, "share of each rank's class centres used per step (all classes of the batch "
+                                     "are kept); 1 = the full softmax", above=0.0, high=1.0)
     # Optimisation
-    epochs: int = field(default=25, metadata={"help": "training epochs"})
-    batch_size: int = field(default=64, metadata={"help": "batch size per device"})
-    lr: float = field(default=0.08, metadata={"help": "base learning rate for a global batch of 512 "
-                                              "(scaled by batch_size*devices/512)"})
-    schedule: List[int] = field(default_factory=lambda: [10, 16, 21],
-                                metadata={"help": "epochs at which lr is multiplied by --gamma"})
-    gamma: float = field(default=0.1, metadata={"help": "lr decay factor at each --schedule epoch"})
-    warmup_epochs: float = field(default=0.0, metadata={"help": "linear lr warm-up length in epochs"})
-    momentum: float = field(default=0.9, metadata={"help": "SGD momentum"})
-    weight_decay: float = field(default=1e-4, metadata={"help": "weight decay (not applied to BatchNorm)"})
-    amp: str = field(default="auto", metadata={"help": "auto (fp16 backbone on GPU/Ascend, fp32 on CPU), "
-                                               "O0 (fp32) or O2 (fp16 backbone with dynamic loss scaling)"})
-    seed: int = field(default=1024, metadata={"help": "random seed"})
-    max_steps: int = field(default=0, metadata={"help": "stop after this many global steps (0: all epochs)"})
+    epochs: int = option(25, "training epochs", low=1)
+    batch_size: int = option(64, "batch size per device", low=1)
+    lr: float = option(0.08, "base learning rate for a global batch of 512 (scaled by batch_size*devices/512)",
+                       above=0.0)
+    schedule: list[int] = option([10, 16, 21], "epochs at which lr is multiplied by --gamma", low=0)
+    gamma: float = option(0.1, "lr decay factor at each --schedule epoch", above=0.0)
+    warmup_epochs: float = option(0.0, "linear lr warm-up length in epochs", low=0.0)
+    momentum: float = option(0.9, "SGD momentum", low=0.0, high=1.0)
+    weight_decay: float = option(1e-4, "weight decay (not applied to BatchNorm)", low=0.0)
+    amp: str = option("auto", "auto (fp16 backbone on GPU/Ascend, fp32 on CPU), O0 (fp32) or O2 (fp16 backbone with "
+                              "dynamic loss scaling)", choices=("auto", "O0", "O2"))
+    seed: int = option(1024, "random seed", low=0)
+    max_steps: int = option(0, "stop after this many global steps (0: all epochs)", low=0)
     # Data pipeline
-    num_workers: int = field(default=4, metadata={"help": "parallel workers for decoding/augmentation"})
-    skip_corrupt: bool = field(default=False, metadata={"help": "replace undecodable images (each logged with "
-                                                        "its file and key) instead of stopping"})
+    num_workers: int = option(4, "parallel workers for decoding/augmentation", low=1)
+    skip_corrupt: bool = option(False, "replace undecodable images (each logged with its file and key) instead "
+                                       "of stopping")
     # Verification during training
-    eval_url: str = field(default="", metadata={"help": "folder with verification .bin files to evaluate "
-                                                "during training (rank 0); keeps best.ckpt"})
-    eval_targets: str = field(default="lfw,cfp_fp,agedb_30", metadata={"help": "comma-separated sets in "
-                                                                       "--eval_url"})
-    eval_interval: int = field(default=2000, metadata={"help": "steps between evaluations"})
-    eval_batch_size: int = field(default=64, metadata={"help": "batch size for evaluation"})
+    eval_url: str = option("", "folder with verification .bin files to evaluate during training (rank 0); keeps "
+                               "best.ckpt")
+    eval_targets: str = option("lfw,cfp_fp,agedb_30", "comma-separated sets in --eval_url")
+    eval_interval: int = option(2000, "steps between evaluations", low=1)
+    eval_batch_size: int = option(64, "batch size for evaluation", low=1)
     # Logging and checkpoints
-    log_interval: int = field(default=50, metadata={"help": "steps between log lines"})
-    save_interval: int = field(default=0, metadata={"help": "steps between checkpoints "
-                                                    "(0: at the end of each epoch)"})
-    keep_checkpoint_max: int = field(default=5, metadata={"help": "checkpoints to keep"})
+    log_interval: int = option(50, "steps between log lines", low=1)
+    save_interval: int = option(0, "steps between checkpoints (0: at the end of each epoch)", low=0)
+    keep_checkpoint_max: int = option(5, "checkpoints to keep", low=1)
 
     @property
     def margins(self):
         return parse_margin(self.margin)
+
+
+OPTIONS = {f.name: f for f in fields(TrainConfig)}
+FIXED = tuple(f.name for f in fields(TrainConfig) if f.metadata["fixed"])
 
 
 def parse_margin(text):
@@ -88,38 +105,110 @@ def parse_margin(text):
     if text.lower() in MARGINS:
         return MARGINS[text.lower()]
     try:
-        m1, m2, m3 = (float(v) for v in text.split(","))
+        values = tuple(float(v) for v in text.split(","))
+        if len(values) != 3 or not all(math.isfinite(v) for v in values):
+            raise ValueError
     except ValueError:
-        raise ArcFaceError(f"--margin {text!r}: expected one of {', '.join(MARGINS)} or 'm1,m2,m3'") from None
-    return m1, m2, m3
+        raise ArcFaceError(f"--margin {text!r}: expected one of {', '.join(MARGINS)} or 'm1,m2,m3' (finite "
+                           f"numbers)") from None
+    if values[0] <= 0:
+        raise ArcFaceError(f"--margin {text!r}: m1 must be positive")
+    return values
 
 
 def _str2bool(text):
     if isinstance(text, bool):
         return text
-    text = str(text)
-    if text.lower() in ("1", "true", "yes", "y", "on"):
+    if str(text).lower() in ("1", "true", "yes", "y", "on"):
         return True
-    if text.lower() in ("0", "false", "no", "n", "off"):
+    if str(text).lower() in ("0", "false", "no", "n", "off"):
         return False
-    raise argparse.ArgumentTypeError(f"expected a boolean, got {text!r}")
+    raise ValueError(f"expected a boolean, got {text!r}")
 
 
-def _int_list(text):
-    return [int(v) for v in str(text).replace(" ", "").split(",") if v]
+def _to_int(value):
+    if isinstance(value, bool):
+        raise ValueError("a boolean is not a number")
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise ValueError("not an integer")
+        return int(value)
+    return int(str(value).strip())
+
+
+def _to_float(value):
+    if isinstance(value, bool):
+        raise ValueError("a boolean is not a number")
+    return float(value)
+
+
+def _to_int_list(value):
+    if isinstance(value, (list, tuple)):
+        return [_to_int(v) for v in value]
+    return [_to_int(v) for v in str(value).replace(" ", "").split(",") if v]
+
+
+def _to_str(value):
+    if isinstance(value, (dict, list, tuple)):
+        raise ValueError("expected a single value")
+    return str(value)
+
+
+CONVERT = {bool: _str2bool, int: _to_int, float: _to_float, str: _to_str}
+
+
+def convert(name, value):
+    """A raw value (command line text or yaml) as the option's type; one clear error otherwise."""
+    kind = OPTIONS[name].type
+    try:
+        return CONVERT.get(kind, _to_int_list)(value)
+    except (TypeError, ValueError) as exc:
+        raise ArcFaceError(f"--{name} {value!r}: {exc if 'expected' in str(exc) else 'invalid value'}") from None
+
+
+def check_value(name, value):
+    """Bounds and allowed values of one option (NaN and Inf are never allowed)."""
+    meta = OPTIONS[name].metadata
+    if meta["choices"] and value not in meta["choices"]:
+        raise ArcFaceError(f"--{name} must be one of {', '.join(meta['choices'])}, not {value!r}")
+    for number in value if isinstance(value, list) else [value]:
+        if isinstance(number, bool) or not isinstance(number, (int, float)):
+            continue
+        if not math.isfinite(number):
+            raise ArcFaceError(f"--{name} must be a finite number, not {number}")
+        if meta["low"] is not None and number < meta["low"]:
+            raise ArcFaceError(f"--{name} must be at least {meta['low']:g}, not {number:g}")
+        if meta["above"] is not None and number <= meta["above"]:
+            raise ArcFaceError(f"--{name} must be greater than {meta['above']:g}, not {number:g}")
+        if meta["high"] is not None and number > meta["high"]:
+            raise ArcFaceError(f"--{name} must be at most {meta['high']:g}, not {number:g}")
+
+
+def validate(cfg):
+    """Every option's own rule, then the rules between options."""
+    for name in OPTIONS:
+        check_value(name, getattr(cfg, name))
+    parse_margin(cfg.margin)
+    if cfg.train_url and os.path.exists(cfg.train_url) and not os.path.isdir(cfg.train_url):
+        raise ArcFaceError(f"--train_url {cfg.train_url} is a file, not a folder")
+    from src.models import canonical_name, check_backbone_options
+    cfg.network = canonical_name(cfg.network)
+    check_backbone_options(cfg.network, cfg.num_features, cfg.dropout, cfg.width)
+    return cfg
 
 
 def build_parser(description=None):
-    parser = argparse.ArgumentParser(description=description,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="", help="yaml file with any of the options below; "
-                                                     "command-line values override it")
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="", help="yaml file with any of the options below (config.yaml of a "
+                                                     "run works too); command-line values override it")
     for f in fields(TrainConfig):
         default = f.default_factory() if f.default is MISSING else f.default
-        kind = {bool: _str2bool, int: int, float: float, str: str}.get(f.type, _int_list)
-        # default=None on the parser marks "not given", so a yaml value is not overridden by a default.
-        parser.add_argument(f"--{f.name}", type=kind, default=None,
-                            help=f"{f.metadata.get('help', '')} (default: {default})")
+        if isinstance(default, list):
+            default = ",".join(map(str, default))
+        # type=str and default=None: conversion happens in one place (convert), and None marks
+        # "not given" so a yaml value is not overridden by a default.
+        parser.add_argument(f"--{f.name}", default=None, metavar=f.type.__name__.upper() if f.type in CONVERT
+                            else "LIST", help=f"{f.metadata['help']} (default: {default})")
     return parser
 
 
@@ -133,64 +222,72 @@ def load_yaml(path):
         raise ArcFaceError(f"config file {path} is not valid yaml: {str(exc).splitlines()[0]}") from None
     if not isinstance(data, dict):
         raise ArcFaceError(f"config file {path} must be a mapping of option: value")
-    known = {f.name for f in fields(TrainConfig)}
-    unknown = sorted(set(data) - known)
+    unknown = sorted(set(map(str, data)) - set(OPTIONS))
     if unknown:
         raise ArcFaceError(f"config file {path}: unknown option(s) {', '.join(unknown)}")
     return data
 
 
 def parse_train_args(argv=None, description=None):
-    """Defaults <- yaml (--config) <- explicitly given command-line options."""
+    """Defaults <- yaml (--config) <- explicitly given command-line options. Returns the validated
+    config and the names of the options given (in the yaml file or on the command line)."""
     args = build_parser(description).parse_args(argv)
-    values = {}
-    if args.config:
-        values.update(load_yaml(args.config))
+    values = load_yaml(args.config) if args.config else {}
     values.update({k: v for k, v in vars(args).items() if v is not None and k != "config"})
     cfg = TrainConfig()
-    for f in fields(TrainConfig):
-        if f.name in values:
-            value = values[f.name]
-            try:
-                if f.type in (int, float, str):
-                    value = f.type(value)
-                elif f.type is bool:
-                    value = _str2bool(value)
-                else:
-                    value = _int_list(",".join(str(v) for v in value) if isinstance(value, list) else value)
-            except (TypeError, ValueError, argparse.ArgumentTypeError):
-                raise ArcFaceError(f"option {f.name}: invalid value {values[f.name]!r}") from None
-            setattr(cfg, f.name, value)
-    validate(cfg)
+    for name, value in values.items():
+        setattr(cfg, name, convert(name, value))
+    return validate(cfg), frozenset(values)
+
+
+# --- the run record -------------------------------------------------------------------------------
+
+def record_text(cfg, header=()):
+    """The resolved options as yaml (loadable again with --config), after `header` comment lines."""
+    lines = "".join(f"# {line}\n" for line in header)
+    return lines + yaml.safe_dump(asdict(cfg), sort_keys=False, default_flow_style=None)
+
+
+def read_record(text, source):
+    """A TrainConfig from a record (unknown keys of another version are ignored, missing ones take
+    their defaults)."""
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ArcFaceError(f"{source}: the recorded configuration is not valid yaml: {str(exc).splitlines()[0]}") \
+            from None
+    if not isinstance(data, dict):
+        raise ArcFaceError(f"{source}: the recorded configuration is not a mapping")
+    cfg = TrainConfig()
+    for name, value in data.items():
+        if name in OPTIONS:
+            setattr(cfg, name, convert(name, value))
     return cfg
 
 
-def validate(cfg):
-    if cfg.device_target not in ("Ascend", "GPU", "CPU"):
-        raise ArcFaceError(f"--device_target must be Ascend, GPU or CPU, not {cfg.device_target!r}")
-    if cfg.mode not in ("graph", "pynative"):
-        raise ArcFaceError(f"--mode must be graph or pynative, not {cfg.mode!r}")
-    if cfg.amp not in ("auto", "O0", "O2"):
-        raise ArcFaceError(f"--amp must be auto, O0 or O2, not {cfg.amp!r}")
-    for name in ("epochs", "batch_size", "log_interval", "keep_checkpoint_max", "eval_interval",
-                 "eval_batch_size"):
-        if getattr(cfg, name) < 1:
-            raise ArcFaceError(f"--{name} must be at least 1")
-    for name in ("max_steps", "save_interval", "warmup_epochs"):
-        if getattr(cfg, name) < 0:
-            raise ArcFaceError(f"--{name} must not be negative")
-    if cfg.num_workers < 1:
-        raise ArcFaceError("--num_workers must be at least 1")
-    if cfg.lr <= 0:
-        raise ArcFaceError("--lr must be positive")
-    if cfg.num_classes < 0:
-        raise ArcFaceError("--num_classes must not be negative")
-    if not 0.0 < cfg.sample_rate <= 1.0:
-        raise ArcFaceError("--sample_rate must be in (0, 1]")
-    if cfg.sample_rate < 1.0 and not cfg.partial_fc:
-        raise ArcFaceError("--sample_rate needs --partial_fc")
-    parse_margin(cfg.margin)
+def resume_config(cfg, given, recorded, source):
+    """The configuration of a resumed run: the record, with the options given now on top. A fixed
+    option given with another value than recorded is refused."""
+    changed = [name for name in FIXED if name in given and _differs(name, getattr(cfg, name), getattr(recorded, name))]
+    if changed:
+        name = changed[0]
+        raise ArcFaceError(f"--resume: {source} was trained with --{name} {_show(getattr(recorded, name))}, not "
+                           f"{_show(getattr(cfg, name))}; a resumed run cannot change {', '.join(FIXED)} "
+                           f"(start a new run with --ckpt_url to initialise from it)")
+    merged = TrainConfig(**{name: getattr(cfg if name in given else recorded, name) for name in OPTIONS})
+    return validate(merged)
 
 
-def as_dict(cfg):
-    return asdict(cfg)
+def _differs(name, new, old):
+    if name == "num_classes" and new == 0:
+        return False  # 0 means "the dataset's own", which the record has resolved
+    if name == "margin":
+        return parse_margin(new) != parse_margin(old)
+    if name == "network":
+        from src.models import canonical_name
+        return canonical_name(new) != canonical_name(old)
+    return new != old
+
+
+def _show(value):
+    return ",".join(map(str, value)) if isinstance(value, list) else str(value)

@@ -26,47 +26,27 @@ import time
 if not __package__:  # run as a script: make `src` importable from the repository root
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import cv2  # noqa: E402
 import numpy as np  # noqa: E402
-from tqdm import tqdm  # noqa: E402
 
 from src.cli import run_main  # noqa: E402
-from src.dataset import (CLASS_COUNTS_NAME, MINDRECORD_NAME, mindspore_message, check_image_bytes,  # noqa: E402
-                         detect_kind, open_source, parallel_map, resolve_num_classes, source_where)
+from src.data.sources import (  # noqa: E402
+    CLASS_COUNTS_NAME,
+    MINDRECORD_NAME,
+    detect_kind,
+    mindspore_message,
+    open_source,
+    resolve_num_classes,
+    scan,
+)
 from src.errors import ArcFaceError  # noqa: E402
 
 SCHEMA = {"image": {"type": "bytes"}, "label": {"type": "int32"}, "key": {"type": "int64"}}
 ROWS_PER_WRITE = 256
-
-
-def _image_key(source, i):
-    keys = getattr(source, "image_keys", None)
-    return int(keys[i]) if keys is not None else int(i)
-
-
 SMALL_INPUT = 32 << 20
 
 
 def _pow2_at_least(n):
     return 1 << (int(n) - 1).bit_length()
-
-
-def _input_bytes(source, kind):
-    """(total bytes of the input, largest single image or an upper bound) for sizing pages; the
-    total is only exact for small inputs, which is all it is used for."""
-    if kind == "recordio":
-        total = os.path.getsize(source.rec_path)
-        if total >= SMALL_INPUT:
-            return total, total
-        return total, max((source.reader.payload_size(key) for key in source.image_keys), default=0)
-    total = largest = 0
-    for path in source.files:
-        size = os.path.getsize(path)
-        total += size
-        largest = max(largest, size)
-        if total >= SMALL_INPUT:
-            break
-    return total, largest
 
 
 def _existing_outputs(output):
@@ -98,16 +78,9 @@ def convert(input_dir, output, shards=1, workers=4, skip_bad=False, overwrite=Fa
     num_classes = resolve_num_classes(source, 0, input_dir)
     order = np.argsort(labels, kind="stable")  # rows in label order, like the insightface layout
     shards = min(shards, len(source))
+    progress = sys.stderr.isatty() if no_progress is None else not no_progress
 
     first_size = []  # (h, w) of the first usable image: every other one must match
-
-    def load(i):
-        data, label = source[i]
-        image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data else None
-        if image is None:
-            return i, data, label, check_image_bytes(data) or "cannot be decoded", None
-        return i, data, label, None, image.shape[:2]
-
     os.makedirs(output, exist_ok=True)
     tmp = os.path.join(output, ".mindrecord.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -118,7 +91,7 @@ def convert(input_dir, output, shards=1, workers=4, skip_bad=False, overwrite=Fa
     bad = []
     try:
         writer = FileWriter(name, shard_num=shards, overwrite=True)
-        total, largest = _input_bytes(source, kind)
+        total, largest = source.byte_sizes(SMALL_INPUT)
         if total < SMALL_INPUT:
             # MindSpore's default 32 MB pages and 16 MB header would make every shard of a small set
             # at least 48 MB (sparse, but not once copied): size them to the data instead.
@@ -127,24 +100,26 @@ def convert(input_dir, output, shards=1, workers=4, skip_bad=False, overwrite=Fa
         writer.add_schema(SCHEMA, "arcface face images")
         writer.add_index(["label"])
         rows = []
-        with tqdm(total=len(source), unit="img", disable=no_progress, desc="mindrecord") as bar:
-            for i, data, label, reason, size in parallel_map(load, order.tolist(), workers):
-                bar.update(1)
-                if reason is None and first_size and size != first_size[0]:
-                    reason = f"is {size[1]}x{size[0]} but the first image is {first_size[0][1]}x{first_size[0][0]}"
-                if reason is not None:
-                    if not skip_bad:
-                        raise ArcFaceError(f"{source_where(source, i)}: {reason} (use --skip_bad to skip such images)")
-                    bad.append((source_where(source, i), reason))
-                    continue
-                if not first_size:
-                    first_size.append(size)
-                rows.append({"image": bytes(data), "label": int(label), "key": _image_key(source, i)})
-                counts[label] += 1
-                image_bytes[0] += len(data)
-                if len(rows) == ROWS_PER_WRITE:
-                    writer.write_raw_data(rows)
-                    rows = []
+        for sample in scan(source, order.tolist(), workers, progress, desc="mindrecord"):
+            reason = sample.problem
+            size = sample.image.shape[:2] if sample.image is not None else None
+            if reason is None and first_size and size != first_size[0]:
+                reason = (f"{sample.where}: is {size[1]}x{size[0]} but the first image is "
+                          f"{first_size[0][1]}x{first_size[0][0]}")
+            if reason is not None:
+                if not skip_bad:
+                    raise ArcFaceError(f"{reason} (use --skip_bad to skip such images)")
+                bad.append(reason)
+                continue
+            if not first_size:
+                first_size.append(size)
+            rows.append({"image": bytes(sample.data), "label": int(sample.label),
+                         "key": source.key(sample.index)})
+            counts[sample.label] += 1
+            image_bytes[0] += len(sample.data)
+            if len(rows) == ROWS_PER_WRITE:
+                writer.write_raw_data(rows)
+                rows = []
         if not first_size:
             raise ArcFaceError(f"{input_dir}: no usable image (all {len(bad)} were skipped as bad)")
         if rows:
@@ -163,8 +138,8 @@ def convert(input_dir, output, shards=1, workers=4, skip_bad=False, overwrite=Fa
     h, w = first_size[0]
     with open(os.path.join(output, "property"), "w", encoding="ascii") as fh:
         fh.write(f"{num_classes},{h},{w}\n")
-    for where, reason in bad:
-        print(f"warning: skipped {where}: {reason}", file=sys.stderr)
+    for reason in bad:
+        print(f"warning: skipped {reason}", file=sys.stderr)
     shard_files = [f for f in files if not f.endswith(".db")]
     return {"identities": int((counts > 0).sum()), "num_classes": num_classes, "images": int(counts.sum()),
             "bad": len(bad), "files": shard_files, "bytes": image_bytes[0],

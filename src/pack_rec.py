@@ -21,34 +21,40 @@ if not __package__:  # run as a script: make `src` importable from the repositor
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import cv2  # noqa: E402
-import numpy as np  # noqa: E402
-from tqdm import tqdm  # noqa: E402
 
 from src.cli import run_main  # noqa: E402
-from src.dataset import IMAGE_SIZE, ImageFolderSource, check_image_bytes, parallel_map  # noqa: E402
+from src.data.images import IMAGE_SIZE  # noqa: E402
+from src.data.images import resize as resize_image
+from src.data.recordio import write_face_dataset  # noqa: E402
+from src.data.sources import ImageFolderSource, scan  # noqa: E402
 from src.errors import ArcFaceError  # noqa: E402
-from src.recordio import write_face_dataset  # noqa: E402
 
 JPEG_QUALITY = 95
 
 
-def prepare_image(data, resize):
-    """(bytes to store, None, resized?) for a usable image, or (None, reason, False)."""
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data else None
-    if image is None:
-        return None, check_image_bytes(data) or "cannot be decoded", False
-    h, w = image.shape[:2]
+def prepare(sample, resize):
+    """(bytes to store, None, resized?) for a usable decoded sample, or (None, reason, False)."""
+    if sample.problem is not None:
+        return None, sample.problem, False
+    h, w = sample.image.shape[:2]
     if (h, w) == IMAGE_SIZE:
-        return data, None, False
+        return sample.data, None, False
     if not resize:
-        return None, f"is {w}x{h}, expected {IMAGE_SIZE[1]}x{IMAGE_SIZE[0]} aligned faces (use --resize)", False
-    shrink = h > IMAGE_SIZE[0] or w > IMAGE_SIZE[1]
-    image = cv2.resize(image, (IMAGE_SIZE[1], IMAGE_SIZE[0]),
-                       interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
-    ok, encoded = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
+        return None, (f"{sample.where}: is {w}x{h}, expected {IMAGE_SIZE[1]}x{IMAGE_SIZE[0]} aligned faces "
+                      f"(use --resize)"), False
+    ok, encoded = cv2.imencode(".jpg", resize_image(sample.image)[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
     if not ok:
-        return None, "cannot be re-encoded as JPEG", False
+        return None, f"{sample.where}: cannot be re-encoded as JPEG", False
     return encoded.tobytes(), None, True
+
+
+def check_class_names(source):
+    """classes.txt holds one folder name per line: a name with a line break (or another control
+    character) would shift every later label."""
+    for name in source.classes:
+        if any(ord(c) < 32 or ord(c) == 127 for c in name):
+            raise ArcFaceError(f"class folder {name!r} in {source.root}: its name contains a control character "
+                               f"(line break, tab, ...); rename it")
 
 
 def pack(input_dir, output, resize=False, workers=4, skip_bad=False, overwrite=False, no_progress=None):
@@ -68,32 +74,27 @@ def pack(input_dir, output, resize=False, workers=4, skip_bad=False, overwrite=F
     if len(source) == 0:
         raise ArcFaceError(f"{input_dir} contains no images (one sub-folder per identity, "
                            f".jpg/.jpeg/.png/.bmp files)")
-    labels = source.labels()
+    check_class_names(source)
+    progress = sys.stderr.isatty() if no_progress is None else not no_progress
     bad, names = [], []
     stats = {"resized": 0, "bytes": 0, "images": 0}
     relabel = {}  # folder label -> written label: a folder whose images were all skipped gets none
 
-    def load(i):
-        data, _ = source[i]
-        return (i,) + prepare_image(data, resize)
-
     def samples():
-        with tqdm(total=len(source), unit="img", disable=no_progress, desc="pack_rec") as bar:
-            for i, data, reason, resized in parallel_map(load, range(len(source)), workers):
-                bar.update(1)
-                if reason is not None:
-                    if not skip_bad:
-                        raise ArcFaceError(f"{source.where(i)}: {reason} (use --skip_bad to skip such images)")
-                    bad.append((source.where(i), reason))
-                    continue
-                label = int(labels[i])
-                if label not in relabel:
-                    relabel[label] = len(relabel)
-                    names.append(source.classes[label])
-                stats["resized"] += resized
-                stats["bytes"] += len(data)
-                stats["images"] += 1
-                yield data, relabel[label]
+        for sample in scan(source, workers=workers, progress=progress, desc="pack_rec"):
+            data, reason, resized = prepare(sample, resize)
+            if reason is not None:
+                if not skip_bad:
+                    raise ArcFaceError(f"{reason} (use --skip_bad to skip such images)")
+                bad.append(reason)
+                continue
+            if sample.label not in relabel:
+                relabel[sample.label] = len(relabel)
+                names.append(source.classes[sample.label])
+            stats["resized"] += resized
+            stats["bytes"] += len(data)
+            stats["images"] += 1
+            yield data, relabel[sample.label]
 
     try:
         num_classes = write_face_dataset(output, samples(), image_size=IMAGE_SIZE)
@@ -103,8 +104,8 @@ def pack(input_dir, output, resize=False, workers=4, skip_bad=False, overwrite=F
         raise
     with open(os.path.join(output, "classes.txt"), "w", encoding="utf-8") as fh:
         fh.write("".join(name + "\n" for name in names))
-    for where, reason in bad:
-        print(f"warning: skipped {where}: {reason}", file=sys.stderr)
+    for reason in bad:
+        print(f"warning: skipped {reason}", file=sys.stderr)
     lost = len(source.classes) - num_classes
     if lost:
         print(f"warning: {lost} class folder(s) had only bad images and got no label", file=sys.stderr)

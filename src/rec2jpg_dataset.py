@@ -15,7 +15,6 @@ end chunk), so an interrupted conversion just continues.
 """
 import argparse
 import os
-import struct
 import sys
 import time
 
@@ -24,14 +23,11 @@ if not __package__:  # run as a script: make `src` importable from the repositor
 
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
-from tqdm import tqdm  # noqa: E402
 
 from src.cli import run_main  # noqa: E402
-from src.dataset import image_extension, image_problem, parallel_map  # noqa: E402
+from src.data.images import image_extension  # noqa: E402
+from src.data.sources import RecordIOSource, scan  # noqa: E402
 from src.errors import ArcFaceError  # noqa: E402
-from src.recordio import FaceRecordDataset, unpack_record  # noqa: E402
-
-WRITTEN, SKIPPED, BAD = "written", "skipped", "bad"
 
 
 def write_atomic(path, data):
@@ -43,83 +39,49 @@ def write_atomic(path, data):
             fh.write(data)
         os.replace(tmp, path)
     except OSError as exc:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
         raise ArcFaceError(f"cannot write {path}: {exc.strerror}") from None
 
 
-class Converter:
-    """Converts the images of a FaceRecordDataset one at a time (thread-safe)."""
+class Layout:
+    """Where each image of a RecordIO source goes: `<label>/<key>.<ext>`, zero-padded."""
 
-    def __init__(self, dataset, output, fmt="original", skip_bad=False):
-        self.dataset = dataset
-        self.reader = dataset.reader
-        self.output = output
-        self.fmt = fmt
-        self.skip_bad = skip_bad
-        self.labels = dataset.labels()
+    def __init__(self, source, output, fmt):
+        self.source, self.output, self.fmt = source, output, fmt
+        self.records = source.records
+        self.labels = source.labels()
         max_label = int(self.labels.max()) if self.labels.size else 0
-        max_key = max(dataset.image_keys) if dataset.image_keys else 0
+        max_key = max(self.records.image_keys) if self.records.image_keys else 0
         self.class_width = len(str(max_label))
         self.key_width = max(8, len(str(max_key)))
-        self.bad = []  # (where, reason) of records skipped with skip_bad
 
     def class_dir(self, label):
         return os.path.join(self.output, f"{label:0{self.class_width}d}")
 
-    def make_class_dirs(self):
-        for label in np.unique(self.labels).tolist():
-            os.makedirs(self.class_dir(label), exist_ok=True)
+    def path(self, index, head=None):
+        stem = os.path.join(self.class_dir(int(self.labels[index])),
+                            f"{self.records.image_keys[index]:0{self.key_width}d}")
+        return stem + (".png" if self.fmt == "png" else image_extension(head))
 
-    def _image_head(self, key):
-        """(image size in bytes, first bytes of the image) of a record, reading only its start."""
-        prefix = self.reader.read_prefix(key, 64)
-        where = f"{self.dataset.rec_path}: key {key}"
-        flag = struct.unpack_from("<I", prefix, 0)[0] if len(prefix) >= 4 else 0
-        header_size = 24 + 4 * flag
-        if len(prefix) < header_size + 16:
-            prefix = self.reader.read_prefix(key, header_size + 16)
-        _, head = unpack_record(prefix, where)
-        return self.reader.payload_size(key) - header_size, head
-
-    def _done(self, path, size):
-        """Whether `path` already holds a finished copy."""
-        try:
-            actual = os.path.getsize(path)
-        except OSError:
-            return False
-        if size is not None:
-            return actual == size
-        with open(path, "rb") as fh:  # PNG re-encoding: the size is unknown, check the end chunk
-            fh.seek(max(0, actual - 8))
-            return fh.read(4) == b"IEND"
-
-    def __call__(self, i):
-        """Convert the i-th image -> (status, bytes written)."""
-        key = self.dataset.image_keys[i]
-        folder = self.class_dir(int(self.labels[i]))
-        stem = os.path.join(folder, f"{key:0{self.key_width}d}")
+    def done(self, index):
+        """Whether the image is already converted (a re-run continues where the last one stopped)."""
         if self.fmt == "png":
-            path, size = stem + ".png", None
-        else:
-            size, head = self._image_head(key)
-            path = stem + image_extension(head)
-        if self._done(path, size):
-            return SKIPPED, 0
-        data, _ = self.dataset[i]
-        reason = image_problem(data)
-        if reason is None and self.fmt == "png":
-            pixels = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
-            if pixels is None:
-                reason = "cannot be decoded"
-            else:
-                data = cv2.imencode(".png", pixels)[1].tobytes()
-        if reason is not None:
-            where = self.dataset.where(i)
-            if not self.skip_bad:
-                raise ArcFaceError(f"{where}: {reason} (use --skip_bad to skip such records)")
-            self.bad.append((where, reason))
-            return BAD, 0
-        write_atomic(path, data)
-        return WRITTEN, len(data)
+            path = self.path(index)
+            try:
+                with open(path, "rb") as fh:  # re-encoded: the size is unknown, check the end chunk
+                    fh.seek(max(0, os.path.getsize(path) - 8))
+                    return fh.read(4) == b"IEND"
+            except OSError:
+                return False
+        try:
+            size, head = self.records.image_head(index)
+        except ArcFaceError:
+            return False  # unreadable: the conversion reports it
+        path = self.path(index, head)
+        return os.path.isfile(path) and os.path.getsize(path) == size
 
 
 def human_bytes(n):
@@ -133,24 +95,33 @@ def convert(include, output, fmt="original", workers=8, skip_bad=False, no_progr
     """Convert; returns the summary dict (identities, images, written, skipped, bad, bytes, seconds).
     The progress bar shows on a terminal only (no_progress=None) or never (True)."""
     start = time.time()
-    dataset = FaceRecordDataset(include)
-    dataset.check_labels()
-    if len(dataset) == 0:
-        raise ArcFaceError(f"{dataset.rec_path}: no images to convert")
-    os.makedirs(output, exist_ok=True)
-    converter = Converter(dataset, output, fmt, skip_bad)
-    converter.make_class_dirs()
-    counts = {WRITTEN: 0, SKIPPED: 0, BAD: 0}
-    written_bytes = 0
-    with tqdm(total=len(dataset), unit="img", disable=no_progress, desc="rec2jpg") as bar:
-        for status, nbytes in parallel_map(converter, range(len(dataset)), workers):
-            counts[status] += 1
-            written_bytes += nbytes
-            bar.update(1)
-    for where, reason in converter.bad:
-        print(f"warning: skipped {where}: {reason}", file=sys.stderr)
-    return {"identities": int(len(np.unique(converter.labels))), "images": len(dataset),
-            "written": counts[WRITTEN], "skipped": counts[SKIPPED], "bad": counts[BAD],
+    source = RecordIOSource(include)
+    source.check_labels()
+    if len(source) == 0:
+        raise ArcFaceError(f"{source.rec_path}: no images to convert")
+    progress = sys.stderr.isatty() if no_progress is None else not no_progress
+    layout = Layout(source, output, fmt)
+    for label in np.unique(layout.labels).tolist():
+        os.makedirs(layout.class_dir(label), exist_ok=True)
+    todo = [i for i in range(len(source)) if not layout.done(i)]
+    written = written_bytes = 0
+    bad = []
+    for sample in scan(source, todo, workers, progress, desc="rec2jpg"):
+        if sample.problem is not None:
+            if not skip_bad:
+                raise ArcFaceError(f"{sample.problem} (use --skip_bad to skip such records)")
+            bad.append(sample.problem)
+            continue
+        data = sample.data
+        if fmt == "png":
+            data = cv2.imencode(".png", sample.image[:, :, ::-1])[1].tobytes()
+        write_atomic(layout.path(sample.index, data), data)
+        written += 1
+        written_bytes += len(data)
+    for reason in bad:
+        print(f"warning: skipped {reason}", file=sys.stderr)
+    return {"identities": int(len(np.unique(layout.labels))), "images": len(source),
+            "written": written, "skipped": len(source) - len(todo), "bad": len(bad),
             "bytes": written_bytes, "seconds": time.time() - start, "output": output}
 
 

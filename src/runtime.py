@@ -60,7 +60,7 @@ def setup(device_target="CPU", device_id=0, mode="graph", seed=None, distributed
         raise ArcFaceError(f"cannot use device {device_target}:{device_id}: {str(exc).splitlines()[0]}") from None
     rank, group_size = 0, 1
     if distributed:
-        from mindspore.communication import init, get_rank, get_group_size
+        from mindspore.communication import get_group_size, get_rank, init
         from mindspore.context import ParallelMode
         try:
             init()
@@ -69,7 +69,8 @@ def setup(device_target="CPU", device_id=0, mode="graph", seed=None, distributed
             launch_vars = ", ".join(f"{v}={os.environ[v]}" for v in ("MS_WORKER_NUM", "OMPI_COMM_WORLD_SIZE",
                                                                       "RANK_SIZE", "RANK_TABLE_FILE")
                                     if v in os.environ)
-            raise ArcFaceError(f"cannot start distributed training ({launch_vars}): {str(exc).strip().splitlines()[0]}; "
+            reason = str(exc).strip().splitlines()[0]
+            raise ArcFaceError(f"cannot start distributed training ({launch_vars}): {reason}; "
                                f"launch with scripts/run_distribute_train*.sh, or unset these for one device") from None
         ms.set_auto_parallel_context(parallel_mode=ParallelMode.DATA_PARALLEL, gradients_mean=True,
                                      device_num=group_size)

@@ -19,7 +19,7 @@ TINY_TRAIN_ARGS = ["--network", "r18", "--width", "8", "--batch_size", "8", "--e
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory):
     """8 training identities x 8 images (RecordIO) and a 40-pair held-out verification .bin."""
-    from src.demo_data import make_demo_data
+    from src.data.demo_data import make_demo_data
     root = tmp_path_factory.mktemp("tiny_data")
     train_dir, bin_path = make_demo_data(str(root), num_train_ids=8, images_per_id=8, num_test_ids=6,
                                          num_pairs=40, seed=3, progress=False)

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from mindspore import nn
 
-from src.backbones import BACKBONES, canonical_name, get_backbone
 from src.errors import ArcFaceError
+from src.models import BACKBONES, canonical_name, get_backbone
 
 ms.set_device("CPU")
 

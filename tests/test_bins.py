@@ -7,7 +7,7 @@ import cv2
 import numpy as np
 import pytest
 
-from src.bins import load_bin, save_bin
+from src.data.bins import load_bin, save_bin
 from src.errors import ArcFaceError
 
 

@@ -40,7 +40,7 @@ def test_onnx_file_is_valid_with_named_symbolic_batch(exported):
 
 @pytest.mark.parametrize("batch", [1, 3, 64])
 def test_mindspore_mindir_and_onnx_give_the_same_embeddings(exported, batch):
-    from src.embedders import MindIREmbedder, MindSporeEmbedder, OnnxEmbedder, backbone_from_checkpoint
+    from src.evaluation.embedders import MindIREmbedder, MindSporeEmbedder, OnnxEmbedder, backbone_from_checkpoint
     x = np.random.default_rng(batch).uniform(-1, 1, (batch, 3, 112, 112)).astype(np.float32)
     reference = MindSporeEmbedder(backbone_from_checkpoint(exported["ckpt"]))(x)
     assert reference.shape == (batch, 512)
@@ -50,7 +50,7 @@ def test_mindspore_mindir_and_onnx_give_the_same_embeddings(exported, batch):
 
 
 def test_fixed_batch_onnx_serves_any_batch(exported):
-    from src.embedders import OnnxEmbedder
+    from src.evaluation.embedders import OnnxEmbedder
     x = np.random.default_rng(0).uniform(-1, 1, (7, 3, 112, 112)).astype(np.float32)
     fixed, dynamic = OnnxEmbedder(exported["fixed2"]), OnnxEmbedder(exported["onnx"])
     assert fixed.fixed_batch == 2 and dynamic.fixed_batch is None
@@ -76,7 +76,8 @@ def test_onnx_embedder_applies_the_models_own_normalisation(tmp_path):
     """A third-party style model: fixed batch 1, raw pixels expected ((x - 0) / 1)."""
     import onnx
     from onnx import TensorProto, helper
-    from src.embedders import OnnxEmbedder
+
+    from src.evaluation.embedders import OnnxEmbedder
     graph = helper.make_graph(
         [helper.make_node("ReduceMean", ["input.1"], ["m"], axes=[2, 3], keepdims=0)], "mean",
         [helper.make_tensor_value_info("input.1", TensorProto.FLOAT, [1, 3, 112, 112])],
@@ -133,7 +134,7 @@ def test_bad_input_is_one_clear_line(case, exported, tiny_data, tmp_path, capsys
 
 def test_preprocess_app_layout_postprocess_equals_val(exported, tiny_data, tmp_path, capsys):
     """preprocess -> (the exported MINDIR run in Python, written like the C++ app) -> postprocess."""
-    from src.embedders import MindIREmbedder
+    from src.evaluation.embedders import MindIREmbedder
     batches, labels, results = tmp_path / "pre", tmp_path / "labels", tmp_path / "result_Files"
     assert preprocess.main(["--dataset_path", str(tiny_data[1]), "--result_dir", str(batches),
                             "--label_dir", str(labels), "--batch_size", "32"]) == 0

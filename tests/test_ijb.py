@@ -8,7 +8,7 @@ import pytest
 from sklearn.metrics import roc_curve
 
 from src.errors import ArcFaceError
-from src.ijb import (
+from src.evaluation.ijb import (
     ARCFACE_TEMPLATE,
     FAR_TARGETS,
     align_face,

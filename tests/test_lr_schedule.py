@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from src.lr_schedule import scaled_lr, step_lr
+from src.training.lr_schedule import scaled_lr, step_lr
 
 
 def test_linear_scaling_rule():

@@ -15,22 +15,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+import mindspore as ms
 import numpy as np
 import pytest
-
-import src.runtime  # noqa: F401  (CPU settings before MindSpore runs)
-import mindspore as ms
 from mindspore import Tensor, nn
 
-from src.callbacks import StepState
-from src.checkpoint import load_train_state
+import src.runtime  # noqa: F401  (CPU settings before MindSpore runs)
 from src.errors import ArcFaceError
-from src.loss import CombinedMarginHead
-from src.checkpoint import save_checkpoint_atomic
-from src.partial_fc import (HeadShardSaver, PartialFCHead, build_partial_fc_train_step, class_range,
-                            export_merged_checkpoint, find_head_shards, init_centres, load_partial_fc_train_state,
-                            main_checkpoint_entries, merge_head_shards, num_sampled_centres, split_head)
-from src.trainer import BackboneWithHead
+from src.heads.classifier import PartialFC, export_merged_checkpoint, merge_shards
+from src.heads.margin import CombinedMargin
+from src.heads.sharding import class_range, find_shards, init_centres, num_sampled_centres, split_rows
+from src.training.state import CheckpointWriter, restore
+from src.training.step import BackboneWithHead, TrainStep
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "dist" / "partial_fc_worker.py"
@@ -93,7 +89,7 @@ def reference_net(folder):
     backbone = nn.Dense(IN_DIM, DIM)
     backbone.weight.set_data(Tensor(np.load(folder / "dense_w.npy")))
     backbone.bias.set_data(Tensor(np.load(folder / "dense_b.npy")))
-    head = CombinedMarginHead(CLASSES, DIM, CFG["s"], *CFG["margins"])
+    head = PartialFC(CLASSES, DIM, CombinedMargin(CFG["s"], *CFG["margins"]), rank=0, world_size=1)
     head.weight.set_data(Tensor(np.load(folder / "head_w.npy")))
     return BackboneWithHead(backbone, head)
 
@@ -120,7 +116,7 @@ def reference(dist_run):
 
 
 def shard_files(folder):
-    sets = find_head_shards(str(folder / f"ArcFace-1_{STEPS}.ckpt"))
+    sets = find_shards(str(folder / f"ArcFace-1_{STEPS}.ckpt"))
     assert list(sets) == [WORLD] and sorted(sets[WORLD]) == list(range(WORLD))
     return [sets[WORLD][r] for r in range(WORLD)]
 
@@ -198,17 +194,17 @@ def test_shards_merge_split_and_resume(dist_run, reference):
         f"ArcFace-1_{STEPS}.ckpt", f"ArcFace-1_{STEPS}.head-r0of2.ckpt", f"ArcFace-1_{STEPS}.head-r1of2.ckpt"]
     main = ms.load_checkpoint(str(dist_run / f"ArcFace-1_{STEPS}.ckpt"))
     assert "backbone.weight" in main and not [k for k in main if k.endswith("head.weight")]
-    merged = merge_head_shards(paths)
+    merged = merge_shards(paths)
     assert merged.shape == (CLASSES, DIM)
     assert_close(merged, reference["params"]["head.weight"])
-    assert_close(merge_head_shards(paths[::-1], "accum.head.weight"), reference["params"]["accum.head.weight"])
-    merged_from_dicts = merge_head_shards([ms.load_checkpoint(p) for p in paths])
+    assert_close(merge_shards(paths[::-1], "accum.head.weight"), reference["params"]["accum.head.weight"])
+    merged_from_dicts = merge_shards([ms.load_checkpoint(p) for p in paths])
     np.testing.assert_array_equal(merged_from_dicts, merged)
     for rank in range(WORLD):
-        np.testing.assert_array_equal(split_head(merged, rank, WORLD), load(dist_run, rank, "param_head.weight"))
+        np.testing.assert_array_equal(split_rows(merged, rank, WORLD), load(dist_run, rank, "param_head.weight"))
         assert load(dist_run, rank, "resume_mismatched").tolist() == [""]
     with pytest.raises(ArcFaceError, match="tile"):
-        merge_head_shards(paths[1:])
+        merge_shards(paths[1:])
 
 
 @requires_msrun
@@ -221,22 +217,14 @@ def test_export_and_resume_on_one_device(dist_run, reference, tmp_path):
     from src.partial_fc import main as merge_cli
     assert merge_cli(["--merge", main_ckpt, "--output", str(tmp_path / "cli.ckpt")]) == 0
     assert (tmp_path / "cli.ckpt").stat().st_size == os.path.getsize(merged_ckpt)
-    net = reference_net(dist_run)
-    step = nn.TrainOneStepCell(net, nn.SGD(net.trainable_params(), learning_rate=CFG["lr"],
-                                           momentum=CFG["momentum"], weight_decay=CFG["weight_decay"]))
-    assert load_train_state(step, merged_ckpt)["global_step"] == STEPS
-    for param in step.get_parameters():
-        if param.name != "learning_rate":
-            assert_close(param.asnumpy(), reference["params"][param.name])
-
-    backbone = nn.Dense(IN_DIM, DIM)
-    head = PartialFCHead(CLASSES, DIM, CFG["s"], *CFG["margins"], rank=0, world_size=1)
-    net1 = BackboneWithHead(backbone, head)
-    step1 = build_partial_fc_train_step(net1, nn.SGD(net1.trainable_params(), learning_rate=CFG["lr"],
-                                                     momentum=CFG["momentum"], weight_decay=CFG["weight_decay"]))
-    load_partial_fc_train_state(step1, head, main_ckpt)
-    assert_close(head.weight.asnumpy(), reference["params"]["head.weight"])
-    assert_close(backbone.weight.asnumpy(), reference["params"]["backbone.weight"])
+    for checkpoint in (merged_ckpt, main_ckpt):  # the whole head in the file, or read from the 2 shards
+        net = reference_net(dist_run)
+        step = TrainStep(net, nn.SGD(net.trainable_params(), learning_rate=CFG["lr"], momentum=CFG["momentum"],
+                                     weight_decay=CFG["weight_decay"]))
+        assert restore(step, net.head, checkpoint)["global_step"] == STEPS
+        for param in step.get_parameters():
+            if param.name != "learning_rate":
+                assert_close(param.asnumpy(), reference["params"][param.name])
 
 
 # --- single process -------------------------------------------------------------------------------
@@ -268,43 +256,37 @@ def test_initial_centres_do_not_depend_on_the_world_size():
     assert abs(float(full.std()) - 0.01) < 5e-4 and not np.array_equal(full, init_centres(0, 9000, 8, seed=4))
 
 
-@pytest.mark.parametrize("sample_rate", [1.0, 0.5])
-def test_one_rank_head_equals_combined_margin_head(sample_rate):
-    """World size 1: the full softmax; sampling 50% of 12 classes with a global batch of 12 must take
-    all 12 (num_sampled_centres), so the sampled path is the full softmax in another column order."""
+def test_one_rank_sampling_all_centres_is_the_full_softmax():
+    """Sampling 50% of 12 classes with a global batch of 12 must take all 12 (num_sampled_centres), so
+    the sampled path is the full softmax in another column order: same loss and gradients."""
     ms.set_context(mode=ms.PYNATIVE_MODE)
     rng = np.random.default_rng(1)
     emb = Tensor(rng.normal(size=(12, 16)).astype(np.float32))
     labels = Tensor(rng.integers(0, 12, 12).astype(np.int32))
-    head = PartialFCHead(12, 16, 64.0, 1.0, 0.5, 0.0, sample_rate=sample_rate, rank=0, world_size=1)
-    full = CombinedMarginHead(12, 16, 64.0, 1.0, 0.5, 0.0)
-    full.weight.set_data(Tensor(head.weight.asnumpy()))
-    loss, (g_emb, (g_w,)) = ms.value_and_grad(head, 0, head.trainable_params())(emb, labels)
+    sampled = PartialFC(12, 16, CombinedMargin(64.0, 1.0, 0.5, 0.0), sample_rate=0.5, rank=0, world_size=1)
+    full = PartialFC(12, 16, CombinedMargin(64.0, 1.0, 0.5, 0.0), rank=0, world_size=1)
+    np.testing.assert_array_equal(sampled.weight.asnumpy(), full.weight.asnumpy())  # same seed, same centres
+    loss, (g_emb, (g_w,)) = ms.value_and_grad(sampled, 0, sampled.trainable_params())(emb, labels)
     want, (w_emb, (w_w,)) = ms.value_and_grad(full, 0, full.trainable_params())(emb, labels)
     assert float(loss.asnumpy()) == pytest.approx(float(want.asnumpy()), rel=1e-6)
     assert_close(g_emb.asnumpy(), w_emb.asnumpy())
     assert_close(g_w.asnumpy(), w_w.asnumpy())
 
 
-def test_head_shard_saver_keeps_the_newest(tmp_path):
+def test_one_rank_keeps_the_head_in_the_checkpoint_and_prunes(tmp_path):
+    """On one rank the head and its optimizer slots are part of the checkpoint (no shard files), the
+    writer keeps the newest `keep` files, and restore() brings every parameter back."""
     ms.set_context(mode=ms.PYNATIVE_MODE)
-    head = PartialFCHead(10, 4, rank=0, world_size=1)
-    net = BackboneWithHead(nn.Dense(3, 4), head)
-    step = build_partial_fc_train_step(net, nn.SGD(net.trainable_params(), learning_rate=0.1, momentum=0.9))
-    saver = HeadShardSaver(step, head, str(tmp_path), keep=2)
+    net = BackboneWithHead(nn.Dense(3, 4), PartialFC(10, 4, rank=0, world_size=1))
+    step = TrainStep(net, nn.SGD(net.trainable_params(), learning_rate=0.1, momentum=0.9))
+    writer = CheckpointWriter(step, net.head, str(tmp_path), keep=2, meta={"network": "dense"})
     for global_step in (1, 2, 3):
-        saver.save(StepState(1, global_step, global_step, 3, 3, 0.0, 0.1, 0.0, 4))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ArcFace-1_2.head-r0of1.ckpt", "ArcFace-1_3.head-r0of1.ckpt"]
-    shard = ms.load_checkpoint(str(tmp_path / "ArcFace-1_3.head-r0of1.ckpt"))
-    assert sorted(k for k in shard if not k.startswith("meta_")) == ["accum.head.weight", "head.weight",
-                                                                    "stat.head.weight"]
-    np.testing.assert_array_equal(merge_head_shards([str(tmp_path / "ArcFace-1_3.head-r0of1.ckpt")]),
-                                  head.weight.asnumpy())
-    # rank 0's checkpoint: the live values of everything else
-    entries = main_checkpoint_entries(step, head)
-    net.backbone.bias.set_data(Tensor(np.full(4, 3.0, np.float32)))
-    save_checkpoint_atomic(entries, str(tmp_path / "main.ckpt"))
-    main = ms.load_checkpoint(str(tmp_path / "main.ckpt"))
-    assert "backbone.weight" in main and "accum.backbone.weight" in main and "global_step" in main
-    assert not [k for k in main if k.endswith("head.weight")]
-    np.testing.assert_array_equal(main["backbone.bias"].asnumpy(), np.full(4, 3.0, np.float32))
+        writer.save({"epoch": 1, "step_in_epoch": global_step, "global_step": global_step})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ArcFace-1_2.ckpt", "ArcFace-1_3.ckpt"]
+    saved = ms.load_checkpoint(str(tmp_path / "ArcFace-1_3.ckpt"))
+    assert {"head.weight", "accum.head.weight", "backbone.weight", "global_step"} <= set(saved)
+    other = BackboneWithHead(nn.Dense(3, 4), PartialFC(10, 4, rank=0, world_size=1, seed=9))
+    other_step = TrainStep(other, nn.SGD(other.trainable_params(), learning_rate=0.1, momentum=0.9))
+    assert restore(other_step, other.head, str(tmp_path / "ArcFace-1_3.ckpt"))["network"] == "dense"
+    for mine, theirs in zip(step.get_parameters(), other_step.get_parameters()):
+        np.testing.assert_array_equal(mine.asnumpy(), theirs.asnumpy(), err_msg=mine.name)

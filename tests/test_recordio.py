@@ -8,8 +8,7 @@ from concurrent.futures import ProcessPoolExecutor
 import numpy as np
 import pytest
 
-from src.errors import ArcFaceError
-from src.recordio import (
+from src.data.recordio import (
     RECORD_MAGIC,
     FaceRecordDataset,
     IndexedRecordReader,
@@ -18,6 +17,7 @@ from src.recordio import (
     unpack_record,
     write_face_dataset,
 )
+from src.errors import ArcFaceError
 
 MAGIC = struct.pack("<I", RECORD_MAGIC)
 
@@ -406,7 +406,7 @@ def test_dataset_bad_property_and_header(tmp_path):
     with IndexedRecordWriter(tmp_path / "train.rec", tmp_path / "train.idx") as w:
         w.write(0, pack_header([5.0, 7.0]))
         w.write(1, pack_header(0.0) + b"img")
-    with pytest.raises(ArcFaceError, match=r"train\.idx: image key 2"):
+    with pytest.raises(ArcFaceError, match=r"key 0: header record announces images 1\.\.4 .* does not fit the index"):
         FaceRecordDataset(tmp_path)
 
 

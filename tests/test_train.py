@@ -7,13 +7,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
+import yaml
 from conftest import TINY_TRAIN_ARGS
-from src.callbacks import CheckpointSaver, StepState
+
+import train
 from src.checkpoint import list_checkpoints, read_checkpoint, save_checkpoint_atomic
 from src.cli import run_main
 from src.errors import ArcFaceError
-import train
+from src.training.callbacks import CheckpointSaver
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,8 +35,13 @@ def test_loss_falls_and_checkpoints_are_written(trained_run):
     names = [os.path.basename(p) for p in list_checkpoints(trained_run)]
     assert names == ["ArcFace-2_8.ckpt", "ArcFace-3_8.ckpt", "ArcFace-4_8.ckpt"]  # keep 3
     params, meta = read_checkpoint(os.path.join(trained_run, "ArcFace-4_8.ckpt"))
+    config = meta.pop("config")
     assert meta == {"epoch": 4, "step_in_epoch": 8, "global_step": 32, "network": "r18", "width": 8,
                     "num_features": 512}
+    # The run record: the resolved options (num_classes from the data) in the checkpoint and in the folder.
+    recorded = yaml.safe_load(config)
+    assert recorded["network"] == "r18" and recorded["num_classes"] == 8 and recorded["lr"] == 3.2
+    assert yaml.safe_load((trained_run / "config.yaml").read_text()) == recorded
     assert params["head.weight"].shape == (8, 512)  # num_classes read from the property file
     assert any(k.startswith("accum.backbone.") for k in params)  # SGD momentum buffers
     log = (trained_run / "train.log").read_text()
@@ -70,26 +76,52 @@ def test_resume_continues_at_the_right_step_with_the_same_lr(trained_run, tiny_d
     assert np.mean(resumed_losses) < 0.85 * np.mean(first_epoch), (resumed_losses, first_epoch)
 
 
-def test_resume_rejects_checkpoint_of_another_network(trained_run, tiny_data, tmp_path, capsys):
-    args = ["--data_url", str(tiny_data[0]), "--train_url", str(tmp_path),
-            "--resume", str(trained_run / "ArcFace-2_8.ckpt")] + TINY_TRAIN_ARGS + ["--width", "16"]
+def test_resume_starts_from_the_record_and_refuses_to_change_the_network(trained_run, tiny_data, tmp_path, capsys):
+    """--resume takes every option from the checkpoint's record (here: the data, the network, the
+    schedule; only --epochs is given anew), and refuses a change of what the network is."""
+    out = tmp_path / "resumed"
+    out.mkdir()
+    shutil.copy(trained_run / "ArcFace-4_8.ckpt", out)
+    assert run_main(train.main, ["--train_url", str(out), "--resume", "auto", "--network", "r50"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "trained with --network r18, not r50" in err, err
+    assert run_main(train.main, ["--train_url", str(out), "--resume", "auto", "--margin", "cosface"]) == 2
+    assert "trained with --margin arcface, not cosface" in capsys.readouterr().err
+    assert train.main(["--train_url", str(out), "--resume", "auto", "--epochs", "5", "--eval_url", ""]) == 0
+    recorded = yaml.safe_load((out / "config.yaml").read_text())
+    assert recorded["epochs"] == 5 and recorded["data_url"] == str(tiny_data[0]) and recorded["width"] == 8
+    assert recorded["schedule"] == [3] and recorded["lr"] == 3.2 and recorded["resume"] == "auto"
+    rows = read_metrics(out)
+    assert [m["step"] for m in rows] == list(range(33, 41)) and rows[0]["lr"] == pytest.approx(0.025)
+
+
+def test_resume_checks_shapes_of_a_checkpoint_without_a_record(trained_run, tiny_data, tmp_path, capsys):
+    """Checkpoints of earlier versions carry no record: a shape mismatch is still one clear line."""
+    import mindspore as ms
+    params = ms.load_checkpoint(str(trained_run / "ArcFace-2_8.ckpt"))
+    old = tmp_path / "ArcFace-2_8.ckpt"
+    ms.save_checkpoint([{"name": k, "data": v} for k, v in params.items() if not isinstance(v, str)], str(old),
+                       append_dict={k: v for k, v in params.items() if isinstance(v, str) and k != "meta_config"})
+    args = ["--data_url", str(tiny_data[0]), "--train_url", str(tmp_path / "out"),
+            "--resume", str(old)] + TINY_TRAIN_ARGS + ["--width", "16"]
     assert run_main(train.main, args) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: checkpoint") and "does not fit" in err and len(err.splitlines()) == 1
+    assert err.startswith("error: checkpoint") and "does not fit" in err and len(err.splitlines()) == 1, err
 
 
 class FakeStep:
-    """Stands in for the train-step cell: returns the given losses one after the other."""
+    """Stands in for the train-step cell: returns (loss, overflow, loss scale) one step after the other."""
 
-    def __init__(self, losses):
-        self.losses = iter(losses)
+    def __init__(self, results):
+        self.results = iter(results)
 
     def set_train(self, mode):
         pass
 
     def __call__(self, images, labels):
         import mindspore as ms
-        return ms.Tensor(np.float32(next(self.losses)))
+        loss, overflow, scale = next(self.results)
+        return ms.Tensor(np.float32(loss)), ms.Tensor(overflow), ms.Tensor(np.float32(scale))
 
 
 class FakeDataset:
@@ -104,16 +136,33 @@ class FakeDataset:
         return iter([(None, None)] * self.steps * self.count)
 
 
-def test_nan_loss_stops_with_the_step_and_saves_nothing(tmp_path):
-    import mindspore as ms
-    from src.trainer import run_loop
-    net = ms.nn.Dense(2, 2)
-    saver = CheckpointSaver(net, str(tmp_path), interval=1, keep=10)
-    with pytest.raises(ArcFaceError, match=r"loss is nan at epoch 2 step 1 \(global step 4\)"):
-        run_loop(FakeStep([1.0, 0.9, 0.8, float("nan"), 0.5]), FakeDataset(3), np.full(9, 0.1, np.float32),
-                 0, 9, 3, 8, [saver])
-    assert [os.path.basename(p) for p in list_checkpoints(tmp_path)] == \
-        ["ArcFace-1_1.ckpt", "ArcFace-1_2.ckpt", "ArcFace-1_3.ckpt"]
+class Recorder(CheckpointSaver):
+    """A CheckpointSaver that writes nothing: the syncs it saw and the positions it would save."""
+
+    def __init__(self, interval):
+        super().__init__(writer=None, interval=interval)
+        self.synced, self.saved = [], []
+
+    def on_sync(self, s):
+        self.synced.append((s.global_step, s.steps, s.skipped, s.loss_scale))
+        super().on_sync(s)
+
+    def save(self, s):
+        self.saved.append(s.global_step)
+
+
+def test_loop_reads_results_at_sync_points_and_stops_on_divergence():
+    """Results are read only at sync points (log interval 2, a save every 3 steps, epoch ends); skipped
+    fp16 steps are counted; a non-finite step at loss scale 1 stops training, naming it, before any
+    later save."""
+    from src.training.trainer import run_loop
+    ok, skip, bad = (1.0, False, 4.0), (float("inf"), True, 4.0), (float("nan"), True, 1.0)
+    recorder = Recorder(interval=3)
+    with pytest.raises(ArcFaceError, match=r"not finite \(loss nan\) at epoch 2 step 3 \(global step 7\)"):
+        run_loop(FakeStep([ok, skip, ok, ok, ok, ok, bad, ok, ok]), FakeDataset(4), np.full(9, 0.1, np.float32),
+                 0, 9, 4, 8, [recorder], log_interval=2)
+    assert recorder.synced == [(2, 2, 1, 4.0), (3, 1, 0, 4.0), (4, 1, 0, 4.0), (6, 2, 0, 4.0)]
+    assert recorder.saved == [3, 6]
 
 
 def test_checkpoint_save_is_atomic(tmp_path, monkeypatch):
@@ -132,14 +181,6 @@ def test_checkpoint_save_is_atomic(tmp_path, monkeypatch):
         save_checkpoint_atomic(net, str(good), {"global_step": 6})
     assert good.read_bytes() == before
     assert sorted(os.listdir(tmp_path)) == ["ArcFace-1_5.ckpt"]
-
-
-def test_keeps_only_the_newest_checkpoints(tmp_path):
-    import mindspore as ms
-    saver = CheckpointSaver(ms.nn.Dense(2, 2), str(tmp_path), interval=1, keep=2)
-    for step in range(1, 6):
-        saver.on_step_end(StepState(1, step, step, 10, 10, 1.0, 0.1, 0.1, 8))
-    assert [os.path.basename(p) for p in list_checkpoints(tmp_path)] == ["ArcFace-1_4.ckpt", "ArcFace-1_5.ckpt"]
 
 
 @pytest.mark.parametrize("case", ["missing", "neither", "empty", "num_classes", "config", "config_key",
@@ -171,7 +212,7 @@ def test_bad_input_is_one_clear_line(case, tiny_data, tmp_path, capsys):
         expected = "unknown option(s) learning_rate"
     elif case == "negative":
         args += ["--data_url", str(tiny_data[0]), "--max_steps", "-1"]
-        expected = "--max_steps must not be negative"
+        expected = "--max_steps must be at least 0, not -1"
     else:
         (tmp_path / "out").mkdir()
         (tmp_path / "out" / "ArcFace-3_10.ckpt").write_bytes(b"an earlier run")
@@ -184,7 +225,8 @@ def test_bad_input_is_one_clear_line(case, tiny_data, tmp_path, capsys):
 
 def test_imagefolder_orders_numeric_class_folders_numerically(tmp_path):
     import cv2
-    from src.dataset import open_source, resolve_num_classes
+
+    from src.data.sources import open_source, resolve_num_classes
     image = cv2.imencode(".jpg", np.zeros((112, 112, 3), np.uint8))[1].tobytes()
     for name in ("10", "2", "1"):
         (tmp_path / name).mkdir()
@@ -192,12 +234,12 @@ def test_imagefolder_orders_numeric_class_folders_numerically(tmp_path):
         (tmp_path / name / "readme.txt").write_text("not an image")
     source = open_source(str(tmp_path))
     assert source.kind == "imagefolder" and source.classes == ["1", "2", "10"]
-    assert [source[i][1] for i in range(len(source))] == [0, 1, 2]
+    assert source.labels().tolist() == [0, 1, 2]
     assert resolve_num_classes(source, 0) == 3
 
 
 def test_num_classes_from_labels_without_property(tiny_data, tmp_path):
-    from src.dataset import open_source, resolve_num_classes
+    from src.data.sources import open_source, resolve_num_classes
     for name in ("train.rec", "train.idx"):
         shutil.copy(tiny_data[0] / name, tmp_path)
     assert resolve_num_classes(open_source(str(tmp_path)), 0) == 8
@@ -206,7 +248,8 @@ def test_num_classes_from_labels_without_property(tiny_data, tmp_path):
 
 def test_weight_decay_skips_batchnorm():
     from src.config import TrainConfig
-    from src.trainer import build_network, parameter_groups
+    from src.training.optim import parameter_groups
+    from src.training.trainer import build_network
     net = build_network(TrainConfig(network="r18", width=8), num_classes=4)
     decay, no_decay = parameter_groups(net, 5e-4)
     assert decay["weight_decay"] == 5e-4 and no_decay["weight_decay"] == 0.0
@@ -216,7 +259,7 @@ def test_weight_decay_skips_batchnorm():
 
 
 def test_corrupt_image_stops_with_its_key_unless_skip_corrupt(tiny_data, tmp_path, capsys):
-    from src.recordio import FaceRecordDataset, write_face_dataset
+    from src.data.recordio import FaceRecordDataset, write_face_dataset
     good = FaceRecordDataset(str(tiny_data[0]))
     samples = [good[i] for i in range(len(good))]
     samples[5] = (samples[5][0][: len(samples[5][0]) // 2], samples[5][1])  # a truncated JPEG
@@ -273,10 +316,11 @@ def ms_float32():
 
 
 def test_yaml_values_are_converted_and_best_score_is_read_back(tmp_path):
-    from src.callbacks import best_eval_score
     from src.config import parse_train_args
+    from src.training.callbacks import best_eval_score
     (tmp_path / "c.yaml").write_text("skip_corrupt: 1\npartial_fc: no\nschedule: [3, 5]\nlr: 0.2\n")
-    cfg = parse_train_args(["--config", str(tmp_path / "c.yaml"), "--lr", "0.3"])
+    cfg, given = parse_train_args(["--config", str(tmp_path / "c.yaml"), "--lr", "0.3"])
+    assert given == {"skip_corrupt", "partial_fc", "schedule", "lr"}
     assert cfg.skip_corrupt is True and cfg.partial_fc is False and cfg.schedule == [3, 5] and cfg.lr == 0.3
     metrics = tmp_path / "metrics.jsonl"
     metrics.write_text('{"step": 1, "loss": 3.0}\n{"step": 2, "eval": {"a": 0.9, "b": 0.8}}\n'
@@ -286,29 +330,29 @@ def test_yaml_values_are_converted_and_best_score_is_read_back(tmp_path):
 
 
 def test_pruning_removes_head_shards_and_auto_resume_skips_incomplete_sets(tmp_path):
+    """Checkpoints of a run on 2 ranks (rank 0's file + one head shard per rank): pruning takes the
+    shards with their checkpoint, and --resume auto skips a checkpoint whose shard set is incomplete."""
     import mindspore as ms
-    from src.checkpoint import latest_checkpoint
-    from src.partial_fc import has_complete_shards
-    saver = CheckpointSaver(ms.nn.Dense(2, 2), str(tmp_path), interval=1, keep=1)
-    saver.on_step_end(StepState(1, 1, 1, 10, 10, 1.0, 0.1, 0.1, 8))
-    for rank in (0, 1):
-        (tmp_path / f"ArcFace-1_1.head-r{rank}of2.ckpt").write_bytes(b"shard")
-    saver.on_step_end(StepState(1, 2, 2, 10, 10, 1.0, 0.1, 0.1, 8))
-    assert sorted(os.listdir(tmp_path)) == ["ArcFace-1_2.ckpt"]  # old shards went with their checkpoint
-    (tmp_path / "ArcFace-1_2.head-r0of2.ckpt").write_bytes(b"shard")
-    (tmp_path / "ArcFace-1_2.head-r1of2.ckpt").write_bytes(b"shard")
-    shutil.copy(tmp_path / "ArcFace-1_2.ckpt", tmp_path / "ArcFace-1_3.ckpt")
-    (tmp_path / "ArcFace-1_3.head-r0of2.ckpt").write_bytes(b"rank 1 was killed before writing its shard")
-    assert os.path.basename(latest_checkpoint(str(tmp_path), has_complete_shards)) == "ArcFace-1_2.ckpt"
-    assert os.path.basename(latest_checkpoint(str(tmp_path))) == "ArcFace-1_3.ckpt"
+
+    from src.training.state import latest_resumable, remove_checkpoint
+    dense = ms.nn.Dense(2, 2)
+    for step in (1, 2, 3):
+        save_checkpoint_atomic([{"name": "global_step", "data": ms.Tensor(step)}],
+                               str(tmp_path / f"ArcFace-1_{step}.ckpt"))
+        for rank in (0, 1) if step < 3 else (0,):  # rank 1 was killed before writing its shard of step 3
+            save_checkpoint_atomic(dense, str(tmp_path / f"ArcFace-1_{step}.head-r{rank}of2.ckpt"))
+    remove_checkpoint(str(tmp_path / "ArcFace-1_1.ckpt"))
+    assert not list(tmp_path.glob("ArcFace-1_1*"))
+    assert os.path.basename(latest_resumable(str(tmp_path))) == "ArcFace-1_2.ckpt"
 
 
 def test_modelarts_copies_data_in_results_out_and_resumes(tiny_data, tmp_path, monkeypatch, capsys):
     """moxing exists only on ModelArts: a stand-in copies folders like mox.file.copy_parallel."""
     import sys
     import types
-    import src.trainer
-    monkeypatch.setattr(src.trainer, "MODELARTS_CACHE", str(tmp_path / "cache"))
+
+    import src.training.trainer
+    monkeypatch.setattr(src.training.trainer, "MODELARTS_CACHE", str(tmp_path / "cache"))
     args = ["--modelarts", "true", "--data_url", str(tiny_data[0]), "--train_url", str(tmp_path / "obs"),
             "--network", "r18", "--width", "8", "--batch_size", "8", "--num_workers", "1", "--epochs", "2"]
     monkeypatch.setitem(sys.modules, "moxing", None)
@@ -323,6 +367,6 @@ def test_modelarts_copies_data_in_results_out_and_resumes(tiny_data, tmp_path, m
     assert (tmp_path / "cache" / "data" / "train.rec").is_file()
     assert (tmp_path / "obs" / "ArcFace-1_8.ckpt").is_file() and (tmp_path / "obs" / "train.log").is_file()
     shutil.rmtree(tmp_path / "cache")  # a new job starts with an empty local disk
-    assert train.main(args + ["--resume", "auto"]) == 0
+    assert train.main(args + ["--resume", "auto", "--max_steps", "0"]) == 0  # the record had --max_steps 8
     assert "resumed from" in (tmp_path / "obs" / "train.log").read_text()
     assert (tmp_path / "obs" / "ArcFace-2_8.ckpt").is_file()

@@ -21,9 +21,9 @@ def test_val_prints_the_protocol_lines_and_matches_a_direct_computation(trained_
     assert match.group(0) in log.read_text()
 
     # The same number from the pieces directly: newest checkpoint, backbone, protocol.
-    from src.bins import load_bin
-    from src.embedders import MindSporeEmbedder, backbone_from_checkpoint
-    from src.verification import embed_pairs, evaluate
+    from src.data.bins import load_bin
+    from src.evaluation.embedders import MindSporeEmbedder, backbone_from_checkpoint
+    from src.evaluation.verification import embed_pairs, evaluate
     embedder = MindSporeEmbedder(backbone_from_checkpoint(str(trained_run / "ArcFace-4_8.ckpt")))
     images, issame = load_bin(str(tiny_data[1]))
     emb, emb_flip = embed_pairs(embedder, images, 16, progress=False)

@@ -4,9 +4,9 @@ import cv2
 import numpy as np
 import pytest
 
-from src.bins import save_bin
+from src.data.bins import save_bin
 from src.errors import ArcFaceError
-from src.verification import (
+from src.evaluation.verification import (
     VerificationResult,
     _slinear_at,
     accuracy_folds,

@@ -18,7 +18,8 @@ def main(out, steps):
     import mindspore as ms
     from mindspore import nn
     from dp_common import CFG, NUM_CLASSES, global_batch
-    from src.trainer import build_network, parameter_groups
+    from src.training.optim import parameter_groups
+    from src.training.trainer import build_network
 
     net = build_network(CFG, NUM_CLASSES)
     net.set_train(True)

@@ -18,16 +18,16 @@ def main(out, steps):
     assert rt.distributed, "expected to be launched by msrun with 2 workers"
     import mindspore as ms
     from dp_common import CFG, NUM_CLASSES, global_batch
-    from src.trainer import build_network, build_train_step
+    from src.training.trainer import build_network, build_step
     net = build_network(CFG, NUM_CLASSES)
-    step = build_train_step(net, np.full(steps, 0.1, np.float32), CFG, fp16=False)
+    step = build_step(CFG, net, np.full(steps, 0.1, np.float32), fp16=False)
     step.set_train(True)
     images, labels = global_batch()
     per_rank = len(images) // rt.group_size
     rows = slice(rt.rank * per_rank, (rt.rank + 1) * per_rank)
     losses = []
     for _ in range(steps):
-        losses.append(float(step(ms.Tensor(images[rows]), ms.Tensor(labels[rows])).asnumpy()))
+        losses.append(float(step(ms.Tensor(images[rows]), ms.Tensor(labels[rows]))[0].asnumpy()))
     params = {p.name: p.asnumpy() for p in net.trainable_params()}
     np.savez(os.path.join(out, f"rank{rt.rank}.npz"), losses=np.array(losses), **params)
 

@@ -22,12 +22,25 @@ import numpy as np  # noqa: E402
 import mindspore as ms  # noqa: E402
 from mindspore import nn, ops, Tensor  # noqa: E402
 
-from src.callbacks import CheckpointSaver, StepState  # noqa: E402
 from src.checkpoint import checkpoint_name  # noqa: E402
-from src.partial_fc import (HeadShardSaver, PartialFCHead, SampledCentres,  # noqa: E402
-                            build_partial_fc_train_step, load_partial_fc_train_state,
-                            main_checkpoint_entries, split_head)
-from src.trainer import BackboneWithHead  # noqa: E402
+from src.heads.classifier import PartialFC  # noqa: E402
+from src.heads.margin import CombinedMargin  # noqa: E402
+from src.heads.sharding import split_rows  # noqa: E402
+from src.training.state import CheckpointWriter, restore  # noqa: E402
+from src.training.step import BackboneWithHead, TrainStep  # noqa: E402
+
+
+class SampledCentres(nn.Cell):
+    """Local labels -> (indices of the centres `head` samples for them, global labels), the sampling
+    a training step does."""
+
+    def __init__(self, head):
+        super().__init__()
+        self.head = head
+
+    def construct(self, labels):
+        global_labels = self.head.gather_labels(labels)
+        return self.head.sample_centres(global_labels - self.head.class_start), global_labels
 
 
 class Barrier(nn.Cell):
@@ -43,14 +56,14 @@ def build(cfg, rank, world, dense_w, dense_b, head_w, sample_rate=1.0, num_class
     backbone = nn.Dense(dense_w.shape[1], dense_w.shape[0])
     backbone.weight.set_data(Tensor(dense_w))
     backbone.bias.set_data(Tensor(dense_b))
-    head = PartialFCHead(num_classes or head_w.shape[0], dense_w.shape[0], cfg["s"], *cfg["margins"],
-                         sample_rate=sample_rate, rank=rank, world_size=world, seed=cfg["seed"])
+    head = PartialFC(num_classes or head_w.shape[0], dense_w.shape[0], CombinedMargin(cfg["s"], *cfg["margins"]),
+                     sample_rate=sample_rate, rank=rank, world_size=world, seed=cfg["seed"])
     if head_w is not None:
-        head.weight.set_data(Tensor(split_head(head_w, rank, world)))
+        head.weight.set_data(Tensor(split_rows(head_w, rank, world)))
     net = BackboneWithHead(backbone, head)
     optimizer = nn.SGD(net.trainable_params(), learning_rate=cfg["lr"], momentum=cfg["momentum"],
                        weight_decay=cfg["weight_decay"])
-    return net, head, build_partial_fc_train_step(net, optimizer, fp16=fp16)
+    return net, head, TrainStep(net, optimizer, fp16=fp16)
 
 
 def main(data_dir):
@@ -71,7 +84,7 @@ def main(data_dir):
     # 1. Loss and gradients of one batch (sample_rate 1.0).
     net, head, step = build(cfg, rank, world, dense_w, dense_b, head_w)
     images, labels = Tensor(x[0, rank]), Tensor(y[0, rank])
-    loss, grads = step.grads(images, labels, Tensor(1.0, ms.float32))
+    loss, grads = step.gradients(images, labels, Tensor(1.0, ms.float32))
     names = [p.name for p in step.weights]
     save("loss0", loss)
     for name, grad in zip(names, grads):
@@ -85,16 +98,12 @@ def main(data_dir):
     # 2. A few SGD steps, saving the last two the way training does (rank 0: the usual checkpoint
     #    without the head; every rank: its head shard; keep=1, so only the last step's files remain).
     steps = x.shape[0]
-    savers = [HeadShardSaver(step, head, data_dir, keep=1)]
-    if rank == 0:
-        savers.append(CheckpointSaver(main_checkpoint_entries(step, head), data_dir, keep=1))
+    writer = CheckpointWriter(step, head, data_dir, keep=1, is_main=rank == 0)
     losses = []
     for t in range(steps):
-        losses.append(float(step(Tensor(x[t, rank]), Tensor(y[t, rank])).asnumpy()))
+        losses.append(float(step(Tensor(x[t, rank]), Tensor(y[t, rank]))[0].asnumpy()))
         if t >= steps - 2:
-            state = StepState(1, t + 1, t + 1, steps, steps, losses[-1], cfg["lr"], 0.0, x.shape[1] * x.shape[2])
-            for saver in savers:
-                saver.save(state)
+            writer.save({"epoch": 1, "step_in_epoch": t + 1, "global_step": t + 1})
     save("losses", np.array(losses))
     for param in step.get_parameters():
         save("param_" + param.name, param)
@@ -104,7 +113,7 @@ def main(data_dir):
 
     # 3. Resume: a fresh train step (other initial head) takes everything back from the files.
     _, head2, step2 = build(cfg, rank, world, dense_w * 0, dense_b * 0, None, num_classes=head_w.shape[0])
-    load_partial_fc_train_state(step2, head2, main_ckpt)
+    restore(step2, head2, main_ckpt)
     restored = {p.name: p.asnumpy() for p in step2.get_parameters()}
     mismatched = [p.name for p in step.get_parameters()
                   if p.name != "learning_rate" and not np.array_equal(p.asnumpy(), restored[p.name])]

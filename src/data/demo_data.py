@@ -8,7 +8,7 @@ on identities it never saw. Output:
   <out>/train/train.rec, train.idx, property    RecordIO, insightface layout (header record)
   <out>/demo.bin                                 verification pairs of held-out identities
 
-  python -m src.demo_data --output demo_data
+  python -m src.data.demo_data --output demo_data
 """
 import argparse
 import os
@@ -18,8 +18,8 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from src.bins import save_bin
-from src.recordio import write_face_dataset
+from src.data.bins import save_bin
+from src.data.recordio import write_face_dataset
 
 SIZE = 112
 _SS = 2  # render at 2x and downsample: anti-aliased edges
@@ -121,7 +121,8 @@ def make_demo_data(output, num_train_ids=300, images_per_id=20, num_test_ids=100
     train_ids, test_ids = identities[:num_train_ids], identities[num_train_ids:]
 
     samples = []
-    bar = tqdm(total=num_train_ids * images_per_id + 2 * num_pairs, desc="demo data", disable=None if progress else True)
+    bar = tqdm(total=num_train_ids * images_per_id + 2 * num_pairs, desc="demo data",
+               disable=None if progress else True)
     for label, identity in enumerate(train_ids):
         for _ in range(images_per_id):
             samples.append((encode_jpeg(render(identity, rng), rng.integers(70, 96)), label))

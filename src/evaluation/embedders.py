@@ -23,22 +23,12 @@ class MindSporeEmbedder:
         return self.backbone(self._tensor(np.ascontiguousarray(batch, dtype=np.float32))).asnumpy()
 
 
-def resolve_checkpoint(path):
-    """A checkpoint file, or for a training folder its latest `ArcFace-*.ckpt`."""
-    from src.checkpoint import latest_checkpoint
-    if os.path.isdir(path):
-        return latest_checkpoint(path)
-    if not os.path.isfile(path):
-        raise ArcFaceError(f"checkpoint not found: {path}")
-    return path
-
-
 def backbone_from_checkpoint(ckpt_path, network=None, width=None, num_features=None):
     """Build the backbone a checkpoint was trained with and load its weights. The architecture is
     read from the checkpoint; arguments given explicitly override it (needed for checkpoints that
     do not record it: then r100, width 64, 512 features are assumed)."""
-    from src.backbones import get_backbone
-    from src.checkpoint import load_backbone, read_checkpoint
+    from src.checkpoint import load_backbone, read_checkpoint, resolve_checkpoint
+    from src.models import get_backbone
     path = resolve_checkpoint(ckpt_path)
     params, meta = read_checkpoint(path)
     backbone = get_backbone(network or meta.get("network", "r100"),

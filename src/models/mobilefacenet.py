@@ -8,7 +8,7 @@ unnormalised embedding.  With ``num_features=512`` it has 2,059,520 trainable pa
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import mindspore as ms
 from mindspore import nn

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 from sklearn.model_selection import KFold
 
-from src.bins import load_bin
+from src.data.bins import load_bin
 from src.errors import ArcFaceError
 
 __all__ = [

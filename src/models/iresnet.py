@@ -14,7 +14,7 @@ The output is the raw (unnormalised) embedding in float32.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import mindspore as ms
 from mindspore import nn

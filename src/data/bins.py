@@ -16,9 +16,9 @@ from __future__ import annotations
 import os
 import pickle
 
-import cv2
 import numpy as np
 
+from src.data.images import decode_image, resize, why_undecodable
 from src.errors import ArcFaceError
 
 __all__ = ["load_bin", "save_bin", "SafeBinUnpickler"]
@@ -205,20 +205,10 @@ def load_bin(path, image_size=(112, 112), progress=False):
             raise ArcFaceError(
                 f"{path}: image {i} is not an encoded byte string ({type(images[i]).__name__})"
             )
-        img = None
-        if len(buf) > 0:
-            try:
-                img = cv2.imdecode(np.frombuffer(buf, dtype=np.uint8), cv2.IMREAD_COLOR)
-            except cv2.error:
-                img = None
-        if img is None or img.ndim != 3 or img.shape[2] != 3 or img.size == 0:
-            raise ArcFaceError(f"{path}: image {i} could not be decoded")
-        if img.shape[0] != height or img.shape[1] != width:
-            shrink = img.shape[0] > height and img.shape[1] > width
-            img = cv2.resize(
-                img, (width, height), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
-            )
-        out[i] = img[:, :, ::-1]  # BGR -> RGB
+        img = decode_image(buf)
+        if img is None:
+            raise ArcFaceError(f"{path}: image {i} could not be decoded ({why_undecodable(buf)})")
+        out[i] = resize(img, (height, width))
     return out, issame
 
 

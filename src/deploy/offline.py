@@ -14,7 +14,7 @@ import os
 
 import numpy as np
 
-from src.bins import load_bin
+from src.data.bins import load_bin
 from src.errors import ArcFaceError
 
 

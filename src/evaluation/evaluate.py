@@ -10,8 +10,9 @@ import os
 import sys
 
 from src.errors import ArcFaceError
-from src.ijb import TARGETS as IJB_TARGETS, evaluate_ijb
-from src.verification import verify_bins
+from src.evaluation.ijb import TARGETS as IJB_TARGETS
+from src.evaluation.ijb import evaluate_ijb
+from src.evaluation.verification import verify_bins
 
 
 def split_targets(text):

@@ -41,7 +41,7 @@ import math
 import os
 import struct
 import threading
-from typing import Iterable, Optional, Sequence, Tuple, Union
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -51,6 +51,7 @@ __all__ = [
     "RECORD_MAGIC",
     "IRHeader",
     "pack_header",
+    "parse_header",
     "unpack_record",
     "IndexedRecordReader",
     "IndexedRecordWriter",
@@ -89,7 +90,7 @@ def _pad4(n: int) -> int:
 # --------------------------------------------------------------------------------------------
 
 
-def pack_header(label: Union[float, Sequence[float], np.ndarray], id: int = 0, id2: int = 0) -> bytes:
+def pack_header(label: float | Sequence[float] | np.ndarray, id: int = 0, id2: int = 0) -> bytes:
     """Serialise an image record header; append the image bytes to get the full payload.
 
     ``label`` is either a number (stored in the scalar field, ``flag = 0``) or a non-empty
@@ -106,11 +107,11 @@ def pack_header(label: Union[float, Sequence[float], np.ndarray], id: int = 0, i
     return _IR_HEAD.pack(values.size, 0.0, int(id), int(id2)) + values.tobytes()
 
 
-def unpack_record(payload: bytes, where: str = "record") -> Tuple[IRHeader, bytes]:
-    """Split a record payload into ``(IRHeader, image_bytes)``.
+def parse_header(payload: bytes, where: str = "record") -> tuple[IRHeader, int]:
+    """The record header at the start of ``payload`` and its size in bytes (struct + label array).
 
-    ``where`` names the record (file and key) in the error raised for a payload too short
-    for the header it declares.
+    ``payload`` may be just a prefix of the record, as long as it holds the whole header; an
+    ArcFaceError naming ``where`` (file and key) is raised otherwise.
     """
     if len(payload) < _IR_HEAD.size:
         raise ArcFaceError(
@@ -118,23 +119,26 @@ def unpack_record(payload: bytes, where: str = "record") -> Tuple[IRHeader, byte
             f"{_IR_HEAD.size}-byte record header"
         )
     flag, label, id_, id2 = _IR_HEAD.unpack_from(payload, 0)
-    start = _IR_HEAD.size
+    size = _IR_HEAD.size + 4 * flag
     if flag > 0:
-        end = start + 4 * flag
-        if len(payload) < end:
+        if len(payload) < size:
             raise ArcFaceError(
-                f"{where}: header declares {flag} label values ({end} bytes) but the payload "
+                f"{where}: header declares {flag} label values ({size} bytes) but the payload "
                 f"has only {len(payload)} bytes"
             )
-        label = np.frombuffer(payload, dtype="<f4", count=flag, offset=start).astype(np.float32)
-        start = end
-    return IRHeader(flag, label, id_, id2), bytes(payload[start:])
+        label = np.frombuffer(payload, dtype="<f4", count=flag, offset=_IR_HEAD.size).astype(np.float32)
+    return IRHeader(flag, label, id_, id2), size
 
 
-def _header_size(prefix: bytes) -> int:
-    """Bytes taken by the record header (struct + label array) given at least 24 bytes."""
-    flag = struct.unpack_from("<I", prefix, 0)[0]
-    return _IR_HEAD.size + 4 * flag
+def header_size(prefix: bytes) -> int:
+    """Bytes taken by the header that starts ``prefix`` (at least 4 bytes): struct + label array."""
+    return _IR_HEAD.size + 4 * struct.unpack_from("<I", prefix, 0)[0]
+
+
+def unpack_record(payload: bytes, where: str = "record") -> tuple[IRHeader, bytes]:
+    """Split a record payload into ``(IRHeader, image_bytes)``; ``where`` names the record in errors."""
+    header, size = parse_header(payload, where)
+    return header, bytes(payload[size:])
 
 
 # --------------------------------------------------------------------------------------------
@@ -142,13 +146,13 @@ def _header_size(prefix: bytes) -> int:
 # --------------------------------------------------------------------------------------------
 
 
-def _parse_idx(idx_path: str, rec_path: str, rec_size: int) -> Tuple[np.ndarray, np.ndarray]:
+def _parse_idx(idx_path: str, rec_path: str, rec_size: int) -> tuple[np.ndarray, np.ndarray]:
     """Read an idx file into (keys, offsets) int64 arrays, in file order."""
     keys = []
     offsets = []
     seen = set()
     try:
-        f = open(idx_path, "r", encoding="utf-8", errors="replace")
+        f = open(idx_path, encoding="utf-8", errors="replace")
     except FileNotFoundError:
         raise ArcFaceError(f"{idx_path}: index file not found (needed to read {rec_path})") from None
     except OSError as exc:
@@ -189,7 +193,7 @@ class IndexedRecordReader:
     processes. Reads use positional I/O, so one reader may also be shared between threads.
     """
 
-    def __init__(self, rec_path: Union[str, os.PathLike], idx_path: Union[str, os.PathLike, None] = None):
+    def __init__(self, rec_path: str | os.PathLike, idx_path: str | os.PathLike | None = None):
         self.rec_path = os.fspath(rec_path)
         self.idx_path = os.fspath(idx_path) if idx_path is not None else os.path.splitext(self.rec_path)[0] + ".idx"
         if not os.path.isfile(self.rec_path):
@@ -197,17 +201,17 @@ class IndexedRecordReader:
         self._size = os.path.getsize(self.rec_path)
         self._keys, self._offsets = _parse_idx(self.idx_path, self.rec_path, self._size)
         self._build_lookup()
-        self._keys_list: Optional[list] = None
-        self._fd: Optional[int] = None
-        self._pid: Optional[int] = None
+        self._keys_list: list | None = None
+        self._fd: int | None = None
+        self._pid: int | None = None
         self._lock = threading.Lock()
 
     def _build_lookup(self) -> None:
         # Datasets have millions of keys and the reader is pickled into every worker: when the
         # keys form a contiguous range (the usual case) a flat array is far smaller than a dict.
         self._key_base = 0
-        self._slot: Optional[np.ndarray] = None
-        self._key_pos: Optional[dict] = None
+        self._slot: np.ndarray | None = None
+        self._key_pos: dict | None = None
         n = len(self._keys)
         if n and int(self._keys.max()) - int(self._keys.min()) == n - 1:
             self._key_base = int(self._keys.min())
@@ -286,7 +290,7 @@ class IndexedRecordReader:
         self._fd = None
         self._pid = None
 
-    def __enter__(self) -> "IndexedRecordReader":
+    def __enter__(self) -> IndexedRecordReader:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -310,14 +314,14 @@ class IndexedRecordReader:
     def __len__(self) -> int:
         return len(self._keys)
 
-    def index_arrays(self) -> Tuple[np.ndarray, np.ndarray]:
+    def index_arrays(self) -> tuple[np.ndarray, np.ndarray]:
         """(keys, offsets) of the idx file as int64 arrays, in file order."""
         return self._keys.copy(), self._offsets.copy()
 
     def __contains__(self, key) -> bool:
         return self._position(key) is not None
 
-    def _position(self, key) -> Optional[int]:
+    def _position(self, key) -> int | None:
         try:
             key = int(key)
         except (TypeError, ValueError):
@@ -395,7 +399,7 @@ class IndexedRecordReader:
         what = f"key {key} at offset {offset}" if key is not None else f"offset {offset}"
         return f"{self.rec_path}: {what}"
 
-    def _read_physical(self, offset: int, key, start: int, limit: Optional[int]):
+    def _read_physical(self, offset: int, key, start: int, limit: int | None):
         """One physical record at ``offset`` -> (cflag, payload, next_offset).
 
         ``start`` is the offset of the logical record (for messages); with ``limit`` only the
@@ -428,7 +432,7 @@ class IndexedRecordReader:
             )
         return cflag, data, offset + _REC_HEAD.size + length + _pad4(length)
 
-    def _read_logical(self, offset: int, key, limit: Optional[int]) -> bytes:
+    def _read_logical(self, offset: int, key, limit: int | None) -> bytes:
         if offset < 0 or offset >= self._size:
             raise ArcFaceError(
                 f"{self._where(offset, key)}: offset is past the end of the file ({self._size} bytes)"
@@ -466,7 +470,7 @@ class IndexedRecordReader:
                 return b"".join(parts)
 
 
-def scan_records(rec_path: Union[str, os.PathLike]):
+def scan_records(rec_path: str | os.PathLike):
     """Walk a ``.rec`` file from its first byte, independently of any index.
 
     Yields ``(offset, payload_size, pieces)`` for every logical record, where ``offset`` is
@@ -561,7 +565,7 @@ def _split_at_magic(payload: bytes) -> list:
 class IndexedRecordWriter:
     """Writes logical records to a ``.rec`` file and their offsets to an ``.idx`` file."""
 
-    def __init__(self, rec_path: Union[str, os.PathLike], idx_path: Union[str, os.PathLike, None] = None):
+    def __init__(self, rec_path: str | os.PathLike, idx_path: str | os.PathLike | None = None):
         self.rec_path = os.fspath(rec_path)
         self.idx_path = os.fspath(idx_path) if idx_path is not None else os.path.splitext(self.rec_path)[0] + ".idx"
         try:
@@ -619,7 +623,7 @@ class IndexedRecordWriter:
             self._rec = None
             self._idx = None
 
-    def __enter__(self) -> "IndexedRecordWriter":
+    def __enter__(self) -> IndexedRecordWriter:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -631,10 +635,10 @@ class IndexedRecordWriter:
 # --------------------------------------------------------------------------------------------
 
 
-def read_property(path: str) -> Tuple[int, Tuple[int, int]]:
+def read_property(path: str) -> tuple[int, tuple[int, int]]:
     """Parse a ``property`` file (``num_classes,height,width``)."""
     try:
-        with open(path, "r", encoding="utf-8", errors="replace") as f:
+        with open(path, encoding="utf-8", errors="replace") as f:
             text = f.read().strip()
     except OSError as exc:
         raise ArcFaceError(f"{path}: cannot read property file: {exc.strerror}") from None
@@ -673,7 +677,7 @@ class FaceRecordDataset:
     Pickles cheaply (the underlying reader reopens the file in each process).
     """
 
-    def __init__(self, folder_or_rec_path: Union[str, os.PathLike]):
+    def __init__(self, folder_or_rec_path: str | os.PathLike):
         path = os.fspath(folder_or_rec_path)
         if os.path.isdir(path):
             rec_path = os.path.join(path, "train.rec")
@@ -693,15 +697,15 @@ class FaceRecordDataset:
         self.rec_path = rec_path
         self.reader = IndexedRecordReader(rec_path, idx_path)
 
-        self.property_path: Optional[str] = os.path.join(folder, "property")
+        self.property_path: str | None = os.path.join(folder, "property")
         if not os.path.isfile(self.property_path):
             self.property_path = None
 
         self.has_header_record = False
         self.image_keys: list = self._find_image_keys()
-        self._labels: Optional[np.ndarray] = None
+        self._labels: np.ndarray | None = None
 
-        self.image_size: Optional[Tuple[int, int]] = None
+        self.image_size: tuple[int, int] | None = None
         if self.property_path is not None:
             self.num_classes, self.image_size = read_property(self.property_path)
         else:
@@ -711,32 +715,42 @@ class FaceRecordDataset:
             self.num_classes = int(labels.max()) + 1
 
     def _find_image_keys(self) -> list:
+        """Keys of the images: 1 .. first_identity_key - 1 after an insightface header record,
+        else every key of the index. The header's key range is checked against the index before
+        anything is allocated from it."""
         reader = self.reader
-        if 0 in reader:
-            head = reader.read_prefix(0, _IR_HEAD.size + 8)
-            where = f"{self.rec_path}: key 0"
-            if len(head) >= _IR_HEAD.size + 8 and struct.unpack_from("<I", head, 0)[0] == 2:
-                header, image = unpack_record(reader.read(0), where)
-                # The insightface header carries no image; an im2rec image with a two-value
-                # label does, which is what tells the two apart.
-                if not image:
-                    first_id, end = (float(v) for v in header.label)
-                    if not (first_id == int(first_id) and end == int(end) and 1 <= first_id <= end):
-                        raise ArcFaceError(
-                            f"{where}: header record has an invalid key range "
-                            f"[{first_id:g}, {end:g})"
-                        )
-                    keys = np.arange(1, int(first_id), dtype=np.int64)
-                    # Vectorised: real datasets announce millions of image keys.
-                    missing = keys[~np.isin(keys, reader._keys)]
-                    if missing.size:
-                        raise ArcFaceError(
-                            f"{reader.idx_path}: image key {int(missing[0])} announced by the header "
-                            f"record of {self.rec_path} is not in the index"
-                        )
-                    self.has_header_record = True
-                    return keys.tolist()
-        return list(reader.keys)
+        self.identity_range = None
+        if 0 not in reader:
+            return list(reader.keys)
+        where = f"{self.rec_path}: key 0"
+        head = reader.read_prefix(0, _IR_HEAD.size + 8)
+        if len(head) < _IR_HEAD.size + 8 or struct.unpack_from("<I", head, 0)[0] != 2:
+            return list(reader.keys)
+        header, image = unpack_record(reader.read(0), where)
+        # The insightface header carries no image; an im2rec image with a two-value label does,
+        # which is what tells the two apart.
+        if image:
+            return list(reader.keys)
+        first_id, end = (float(v) for v in header.label)
+        max_key = int(reader._keys.max())
+        if not (math.isfinite(first_id) and math.isfinite(end) and first_id.is_integer() and end.is_integer()
+                and 1 <= first_id <= end <= max_key + 1 and first_id - 1 <= len(reader)):
+            raise ArcFaceError(
+                f"{where}: header record announces images 1..{first_id - 1:g} and identity records up to key "
+                f"{end - 1:g}, which does not fit the index ({len(reader)} keys, largest {max_key}); the header "
+                f"is damaged"
+            )
+        keys = np.arange(1, int(first_id), dtype=np.int64)
+        # Vectorised: real datasets announce millions of image keys.
+        missing = keys[~np.isin(keys, reader._keys)]
+        if missing.size:
+            raise ArcFaceError(
+                f"{reader.idx_path}: image key {int(missing[0])} announced by the header "
+                f"record of {self.rec_path} is not in the index"
+            )
+        self.has_header_record = True
+        self.identity_range = (int(first_id), int(end))
+        return keys.tolist()
 
     def __len__(self) -> int:
         return len(self.image_keys)
@@ -745,7 +759,7 @@ class FaceRecordDataset:
         value = header.label if header.flag == 0 else header.label[0]
         return _as_class_id(value, where)
 
-    def __getitem__(self, i: int) -> Tuple[bytes, int]:
+    def __getitem__(self, i: int) -> tuple[bytes, int]:
         n = len(self.image_keys)
         i = int(i)
         if i < 0:
@@ -780,17 +794,27 @@ class FaceRecordDataset:
                 f"{self.num_classes} classes (labels 0..{self.num_classes - 1}); {bad.size} image(s) affected"
             )
 
-    def label_of(self, i: int) -> int:
-        """Class id of the i-th image, reading only its record header."""
+    def read_header(self, i: int, extra: int = 0) -> tuple[IRHeader, bytes]:
+        """Header of the i-th image and the first ``extra`` bytes of its image, reading only the
+        start of the record."""
         key = self.image_keys[i]
         where = f"{self.rec_path}: key {key}"
-        prefix = self.reader.read_prefix(key, 64)
-        if len(prefix) >= _IR_HEAD.size:
-            need = _header_size(prefix)
-            if len(prefix) < need:
-                prefix = self.reader.read_prefix(key, need)
-        header, _ = unpack_record(prefix, where)
-        return self._label_from_header(header, where)
+        prefix = self.reader.read_prefix(key, 64 + extra)
+        if len(prefix) >= 4 and len(prefix) < header_size(prefix) + extra:
+            prefix = self.reader.read_prefix(key, header_size(prefix) + extra)
+        header, size = parse_header(prefix, where)
+        return header, prefix[size:size + extra]
+
+    def image_head(self, i: int, nbytes: int = 16) -> tuple[int, bytes]:
+        """(size of the i-th image in bytes, its first ``nbytes``), reading only the record's start."""
+        header, head = self.read_header(i, nbytes)
+        size = self.reader.payload_size(self.image_keys[i]) - (_IR_HEAD.size + 4 * header.flag)
+        return size, head
+
+    def label_of(self, i: int) -> int:
+        """Class id of the i-th image, reading only its record header."""
+        header, _ = self.read_header(i)
+        return self._label_from_header(header, f"{self.rec_path}: key {self.image_keys[i]}")
 
     def labels(self) -> np.ndarray:
         """Class ids of all images (int64, dataset order); read from headers once, then cached."""
@@ -805,7 +829,7 @@ class FaceRecordDataset:
     def close(self) -> None:
         self.reader.close()
 
-    def __enter__(self) -> "FaceRecordDataset":
+    def __enter__(self) -> FaceRecordDataset:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -813,9 +837,9 @@ class FaceRecordDataset:
 
 
 def write_face_dataset(
-    folder: Union[str, os.PathLike],
-    samples: Iterable[Tuple[bytes, int]],
-    image_size: Tuple[int, int] = (112, 112),
+    folder: str | os.PathLike,
+    samples: Iterable[tuple[bytes, int]],
+    image_size: tuple[int, int] = (112, 112),
 ) -> int:
     """Write ``(image_bytes, class_id)`` samples as ``train.rec``/``train.idx``/``property``.
 
@@ -912,7 +936,7 @@ def _patch_header(rec_path: str, num_images: int, num_classes: int) -> None:
         f.write(payload)
 
 
-def _write_identity_records(writer: "IndexedRecordWriter", counts: np.ndarray) -> None:
+def _write_identity_records(writer: IndexedRecordWriter, counts: np.ndarray) -> None:
     """One record per class ``c`` with label ``[first_image_key, end_image_key)``."""
     num_images = int(counts.sum())
     ends = np.cumsum(counts) + 1

@@ -36,7 +36,7 @@ import cv2
 import numpy as np
 
 from src.errors import ArcFaceError
-from src.verification import embed_pairs
+from src.evaluation.verification import embed_pairs
 
 __all__ = [
     "ARCFACE_TEMPLATE",
@@ -134,7 +134,7 @@ def resolve_ijb_dir(ijb_dir, target):
 
 def _data_lines(path):
     """Yield ``(line_number, fields)`` of the non-blank lines of a text file (1-based)."""
-    with open(path, "r", encoding="utf-8", errors="replace") as f:
+    with open(path, encoding="utf-8", errors="replace") as f:
         for number, line in enumerate(f, start=1):
             fields = line.split()
             if fields:

@@ -1,0 +1,123 @@
+"""The one train-step cell: fp32 or fp16 with dynamic loss scaling, one rank or many, sampled
+centres or not. It always returns (loss, overflow, loss scale) as device tensors.
+
+Per step:
+1. forward and backward of backbone + head, the backward started with sensitivity
+   loss_scale x head.grad_scale (1 / world_size, see src.heads.classifier);
+2. on several ranks the gradients of replicated parameters (the backbone) are summed over the
+   ranks; the head's gradients stay on their rank (each holds other classes);
+3. gradients are unscaled, and checked for NaN/Inf together with the loss (all ranks agree);
+4. a finite step is applied by the optimizer; a non-finite one is skipped (no parameter changes)
+   and reported as `overflow`. With loss scaling the scale is lowered on overflow and raised after
+   a run of good steps (nn.DynamicLossScaleUpdateCell). The optimizer's step counter advances on
+   skipped steps too, so the learning rate always follows the iteration.
+
+An overflow at loss scale 1 (always so in fp32) cannot be a scaling artefact: the trainer stops
+there (the run diverged). Nothing is read back to the host here.
+"""
+import mindspore as ms
+from mindspore import Parameter, Tensor, nn, ops
+
+LOSS_SCALE_INIT = 2.0 ** 16
+LOSS_SCALE_WINDOW = 2000
+
+
+class BackboneWithHead(nn.Cell):
+    """images, labels -> loss."""
+
+    def __init__(self, backbone, head):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def construct(self, images, labels):
+        return self.head(self.backbone(images), labels)
+
+
+_sum_over_ranks = ops.MultitypeFuncGraph("_sum_over_ranks")
+
+
+@_sum_over_ranks.register("Function", "Bool", "Tensor")
+def _sum_over_ranks_tensor(all_reduce, replicated, grad):
+    return all_reduce(grad) if replicated else grad
+
+
+_unscale = ops.MultitypeFuncGraph("_unscale")
+
+
+@_unscale.register("Tensor", "Tensor")
+def _unscale_tensor(scale, grad):
+    return grad / ops.cast(scale, grad.dtype)
+
+
+class Gradients(nn.Cell):
+    """(images, labels, sens) -> (loss, gradients of `weights`): the backward pass starts with
+    sens x head.grad_scale; on several ranks the gradients of replicated (backbone) parameters are
+    summed over the ranks while the head's stay local. With sens 1 the result is the exact gradient
+    of the global mean loss on every rank."""
+
+    def __init__(self, network, weights):
+        super().__init__(auto_prefix=False)
+        head = network.head
+        self.network = network
+        self.weights = weights
+        self.grad = ops.GradOperation(get_by_list=True, sens_param=True)
+        self.grad_scale = float(head.grad_scale)
+        self.distributed = head.world_size > 1
+        head_names = {p.name for p in head.get_parameters()}
+        self.replicated = tuple(p.name not in head_names for p in weights)
+        self.all_reduce = ops.AllReduce() if self.distributed else None
+        self.hyper_map = ops.HyperMap()
+
+    def construct(self, images, labels, sens):
+        loss = self.network(images, labels)
+        grads = self.grad(self.network, self.weights)(images, labels, sens * self.grad_scale)
+        if self.distributed:
+            grads = self.hyper_map(ops.partial(_sum_over_ranks, self.all_reduce), self.replicated, grads)
+        return loss, grads
+
+
+class TrainStep(nn.Cell):
+    """One optimizer step of `network` (a BackboneWithHead). `fp16` adds dynamic loss scaling.
+    Parameter names are the network's and the optimizer's (auto_prefix off, as nn.TrainOneStepCell),
+    so checkpoints hold `backbone.*`, `head.weight`, `accum.*`, `global_step`, `scale_sense`."""
+
+    def __init__(self, network, optimizer, fp16=False, loss_scale=LOSS_SCALE_INIT, scale_window=LOSS_SCALE_WINDOW):
+        super().__init__(auto_prefix=False)
+        self.network = network
+        self.network.set_grad()
+        self.optimizer = optimizer
+        self.weights = optimizer.parameters
+        self.gradients = Gradients(network, self.weights)
+        self.distributed = network.head.world_size > 1
+        self.all_reduce = ops.AllReduce() if self.distributed else None
+        self.hyper_map = ops.HyperMap()
+        self.loss_scaling = bool(fp16)
+        if self.loss_scaling:
+            self.scale_manager = nn.DynamicLossScaleUpdateCell(loss_scale_value=loss_scale, scale_factor=2,
+                                                               scale_window=scale_window)
+            self.scale_sense = Parameter(Tensor(loss_scale, ms.float32), name="scale_sense")
+        else:
+            # A constant, not a parameter: fp32 checkpoints carry no loss scale, so a run resumed in
+            # fp16 starts from the initial scale.
+            self.scale_manager = None
+            self.scale_sense = Tensor(1.0, ms.float32)
+        self.one = Tensor([1], ms.int32)
+
+    def construct(self, images, labels):
+        scale = self.scale_sense
+        loss, grads = self.gradients(images, labels, ops.cast(scale, ms.float32))
+        if self.loss_scaling:
+            grads = self.hyper_map(ops.partial(_unscale, scale), grads)
+        finite = ops.logical_and(ms.amp.all_finite(grads), ops.isfinite(loss))
+        bad = ops.cast(ops.logical_not(finite), ms.float32)
+        if self.distributed:
+            bad = self.all_reduce(bad)  # the head's gradients differ per rank: agree on skipping
+        overflow = bad > 0
+        if self.loss_scaling:
+            overflow = self.scale_manager(self.scale_sense, overflow)
+        if overflow:
+            loss = ops.depend(loss, ops.assign_add(self.optimizer.global_step, self.one))
+        else:
+            loss = ops.depend(loss, self.optimizer(grads))
+        return loss, overflow, scale

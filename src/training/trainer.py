@@ -1,0 +1,327 @@
+"""Training: one function, `train(cfg)`, in named phases that read top to bottom, and the loop.
+
+  set-up     device, ranks, output folder, logging
+  record     --resume: the checkpoint to continue and the configuration it recorded
+  data       source, number of classes, pipeline
+  model      backbone + head (the class-sharded head; one rank holds all classes)
+  step       optimizer, learning rates, the one train-step cell
+  restore    weights / optimizer / step from --resume, or weights from --ckpt_url
+  callbacks  log lines, metrics, checkpoints, evaluation, curve
+  loop       steps until the end; results are read back from the device only at sync points
+"""
+import logging
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass
+
+import mindspore as ms
+
+from src import runtime
+from src.checkpoint import MODEL_KEYS, list_checkpoints, read_checkpoint
+from src.config import read_record, record_text, resume_config
+from src.data.pipeline import checked_iterator, create_train_dataset
+from src.data.sources import open_source, resolve_num_classes
+from src.errors import ArcFaceError
+from src.heads.classifier import PartialFC
+from src.heads.margin import CombinedMargin
+from src.models import get_backbone
+from src.training.callbacks import (
+    CheckpointSaver,
+    CurvePlotter,
+    LossMonitor,
+    SyncState,
+    VerificationMonitor,
+    best_eval_score,
+    setup_logging,
+)
+from src.training.lr_schedule import scaled_lr, step_lr
+from src.training.optim import build_optimizer
+from src.training.state import CheckpointWriter, initialise, latest_resumable, restore
+from src.training.step import BackboneWithHead, TrainStep
+
+logger = logging.getLogger("arcface")
+
+MODELARTS_CACHE = "/cache"  # the local disk of a ModelArts job
+
+
+@dataclass
+class Run:
+    """What the phases hand on to each other."""
+    cfg: object
+    rt: runtime.Runtime
+    output_dir: str
+    resume_path: str = ""
+    resume_params: dict = None
+    resume_meta: dict = None
+
+    @property
+    def data_dir(self):
+        return os.path.join(MODELARTS_CACHE, "data") if self.cfg.modelarts else self.cfg.data_url
+
+
+# --- phases ---------------------------------------------------------------------------------------
+
+def set_up(cfg):
+    rt = runtime.setup(cfg.device_target, cfg.device_id, cfg.mode, seed=cfg.seed)
+    run = Run(cfg, rt, cfg.train_url)
+    if cfg.modelarts:
+        run.output_dir = os.path.join(MODELARTS_CACHE, "output")
+        _modelarts_sync(cfg.data_url, run.data_dir)
+        if cfg.resume:
+            _modelarts_sync(cfg.train_url, run.output_dir)  # the checkpoints to continue from
+    setup_logging(run.output_dir, main=rt.is_main)
+    if cfg.device_num > 1 and cfg.device_num != rt.group_size:
+        logger.warning(f"--device_num {cfg.device_num} but {rt.group_size} process(es) were launched: "
+                       f"using {rt.group_size}")
+    existing = list_checkpoints(run.output_dir)
+    if existing and not cfg.resume:
+        # A fresh run would mix its checkpoints with these (and prune its own first).
+        raise ArcFaceError(f"{run.output_dir} already holds checkpoints ({os.path.basename(existing[-1])}): "
+                           f"use --resume auto to continue, or another --train_url")
+    return run
+
+
+def resolve_resume(run, given):
+    """--resume: find the checkpoint, read it once, and continue the configuration it recorded."""
+    cfg = run.cfg
+    if not cfg.resume:
+        return
+    path = latest_resumable(run.output_dir) if cfg.resume == "auto" else cfg.resume
+    run.resume_params, run.resume_meta = read_checkpoint(path)
+    run.resume_path = path
+    if "config" in run.resume_meta:
+        recorded = read_record(run.resume_meta["config"], path)
+        run.cfg = resume_config(cfg, given if given is not None else frozenset(), recorded, path)
+
+
+def open_data(run):
+    cfg = run.cfg
+    eval_targets = [t for t in cfg.eval_targets.split(",") if t]
+    if cfg.eval_url and not any(os.path.isfile(os.path.join(cfg.eval_url, f"{t}.bin")) for t in eval_targets):
+        # Checked on every rank: only rank 0 evaluates, the others would wait for it forever.
+        raise ArcFaceError(f"--eval_url {cfg.eval_url}: none of {', '.join(eval_targets)} found")
+    source = open_source(run.data_dir)
+    cfg.num_classes = resolve_num_classes(source, cfg.num_classes, run.data_dir)
+    dataset = create_train_dataset(source, cfg.batch_size, run.rt.rank, run.rt.group_size, cfg.num_workers,
+                                   skip_corrupt=cfg.skip_corrupt)
+    return source, dataset
+
+
+def write_record(run, source):
+    """config.yaml in the output folder: the resolved options, loadable again with --config."""
+    if not run.rt.is_main:
+        return
+    header = [f"written by train.py on {time.strftime('%Y-%m-%d %H:%M:%S')}: the resolved configuration of this run",
+              f"{run.rt.group_size} x {run.cfg.device_target}; data: {source.kind}, {len(source)} images, "
+              f"{run.cfg.num_classes} classes" + (f"; resumed from {run.resume_path}" if run.resume_path else "")]
+    path = os.path.join(run.output_dir, "config.yaml")
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(record_text(run.cfg, header))
+    os.replace(tmp, path)
+
+
+def resolve_amp(cfg):
+    """True for an fp16 backbone: 'auto' means fp16 on GPU/Ascend, fp32 on CPU (faster there)."""
+    if cfg.amp == "auto":
+        return cfg.device_target != "CPU"
+    return cfg.amp == "O2"
+
+
+def build_network(cfg, num_classes, fp16=False):
+    """Backbone + the class-sharded head (rank and world size from the communication group)."""
+    backbone = get_backbone(cfg.network, cfg.num_features, cfg.dropout, fp16=fp16, width=cfg.width)
+    margin = CombinedMargin(cfg.scale, *cfg.margins)
+    head = PartialFC(num_classes, cfg.num_features, margin, sample_rate=cfg.sample_rate, seed=cfg.seed)
+    return BackboneWithHead(backbone, head)
+
+
+def build_step(cfg, net, lr_per_step, fp16):
+    return TrainStep(net, build_optimizer(cfg, net, lr_per_step), fp16=fp16)
+
+
+def restore_state(run, net, step):
+    """Returns the global step to start from."""
+    if run.resume_path:
+        meta = restore(step, net.head, run.resume_path, run.resume_params, run.resume_meta)
+        run.resume_params = None  # the arrays are in the network now
+        logger.info(f"resumed from {run.resume_path} at epoch {meta['epoch']} step {meta['step_in_epoch']} "
+                    f"(global step {meta['global_step']})")
+        return int(meta["global_step"])
+    if run.cfg.ckpt_url:
+        initialise(net, run.cfg.ckpt_url)
+    return 0
+
+
+def build_callbacks(run, net, step):
+    cfg, rt = run.cfg, run.rt
+    model = {key: getattr(cfg, key) for key in MODEL_KEYS}
+    writer = CheckpointWriter(step, net.head, run.output_dir, cfg.keep_checkpoint_max,
+                              meta=dict(model, config=record_text(cfg)), is_main=rt.is_main)
+    callbacks = [CheckpointSaver(writer, cfg.save_interval)]
+    if rt.is_main:
+        metrics = os.path.join(run.output_dir, "metrics.jsonl")
+        if not cfg.resume and os.path.exists(metrics):
+            os.remove(metrics)  # a fresh run starts a fresh curve
+        callbacks.insert(0, LossMonitor(cfg.log_interval, metrics))
+        if cfg.eval_url:
+            from src.evaluation.verification import load_sets
+            targets = [t for t in cfg.eval_targets.split(",") if t]
+            sets = load_sets(cfg.eval_url, targets, log=logger.info, progress=False)
+            callbacks.append(VerificationMonitor(net.backbone, sets, cfg.eval_interval, cfg.eval_batch_size, writer,
+                                                 metrics, best=best_eval_score(metrics) if cfg.resume else None))
+        callbacks.append(CurvePlotter(metrics, os.path.join(run.output_dir, "training_curve.png")))
+    return callbacks
+
+
+def train(cfg, given=None):
+    """Run training as configured (`given`: the options set explicitly, for --resume); returns the
+    final SyncState (None if no step ran)."""
+    run = set_up(cfg)
+    try:
+        return _train(run, given)
+    finally:
+        if run.cfg.modelarts and run.rt.is_main:
+            _modelarts_sync(run.output_dir, run.cfg.train_url)  # checkpoints and logs back to OBS, also after a failure
+
+
+def _train(run, given):
+    resolve_resume(run, given)
+    cfg = run.cfg
+    source, dataset = open_data(run)
+    write_record(run, source)
+    steps_per_epoch = dataset.get_dataset_size()
+    total_steps = steps_per_epoch * cfg.epochs
+    if cfg.max_steps:
+        total_steps = min(total_steps, cfg.max_steps)
+
+    fp16 = resolve_amp(cfg)
+    net = build_network(cfg, cfg.num_classes, fp16=fp16)
+    lr = scaled_lr(cfg.lr, cfg.batch_size, run.rt.group_size)
+    lr_per_step = step_lr(lr, steps_per_epoch, cfg.epochs, cfg.schedule, cfg.gamma, cfg.warmup_epochs)
+    step = build_step(cfg, net, lr_per_step, fp16)
+
+    start_step = restore_state(run, net, step)
+    if start_step >= total_steps:
+        logger.info(f"nothing to do: the checkpoint is at step {start_step} of {total_steps}")
+        return None
+    if start_step:
+        ms.dataset.config.set_seed(cfg.seed + start_step)  # a new shuffle instead of replaying the first run's order
+
+    logger.info(f"{cfg.network} {cfg.margin} | {source.kind} {run.data_dir}: {len(source)} images, "
+                f"{cfg.num_classes} classes | {run.rt.group_size} x {cfg.device_target} | batch {cfg.batch_size} "
+                f"per device, {steps_per_epoch} steps/epoch | lr {lr:g} | "
+                f"{'fp16 backbone + loss scaling' if fp16 else 'fp32'} | {cfg.mode} mode"
+                + (f" | sampling {cfg.sample_rate:g} of the class centres" if cfg.sample_rate < 1 else ""))
+    callbacks = build_callbacks(run, net, step)
+    # A scheduler's SIGTERM is handled like Ctrl-C: the last completed step is saved.
+    previous_handler = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    try:
+        return run_loop(step, dataset, lr_per_step, start_step, total_steps, steps_per_epoch,
+                        cfg.batch_size * run.rt.group_size, callbacks, cfg.log_interval)
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+
+
+def _modelarts_sync(src, dst):
+    try:
+        import moxing as mox
+    except ImportError:
+        raise ArcFaceError("--modelarts needs the moxing package, available on ModelArts") from None
+    mox.file.copy_parallel(src, dst)
+
+
+def _raise_keyboard_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+# --- the loop -------------------------------------------------------------------------------------
+
+class _Pending:
+    """Step results still on the device: read back together at the next sync point."""
+
+    def __init__(self, lr_per_step, steps_per_epoch, total_steps, global_batch):
+        self.lr_per_step, self.steps_per_epoch = lr_per_step, steps_per_epoch
+        self.total_steps, self.global_batch = total_steps, global_batch
+        self.results = []
+        self.since = time.perf_counter()
+
+    def add(self, global_step, output):
+        self.results.append((global_step, output))
+
+    def read(self):
+        """Read the pending results: a SyncState for the last step, or an ArcFaceError naming the
+        first step whose gradients were not finite at loss scale 1 (the run diverged; the step
+        was not applied, so the parameters are those before it)."""
+        skipped, loss, scale = 0, None, 1.0
+        for global_step, (loss_t, overflow_t, scale_t) in self.results:
+            loss, overflow, scale = float(loss_t.asnumpy()), bool(overflow_t.asnumpy()), float(scale_t.asnumpy())
+            if overflow and scale <= 1.0:
+                epoch, step_in_epoch = divmod(global_step - 1, self.steps_per_epoch)
+                raise ArcFaceError(
+                    f"the loss or the gradients are not finite (loss {loss:g}) at epoch {epoch + 1} step "
+                    f"{step_in_epoch + 1} (global step {global_step}): the run diverged; training stopped, "
+                    f"no checkpoint written after it; lower --lr or resume from the last checkpoint")
+            skipped += overflow
+        global_step = self.results[-1][0]
+        now = time.perf_counter()
+        epoch, step_in_epoch = divmod(global_step - 1, self.steps_per_epoch)
+        state = SyncState(epoch + 1, step_in_epoch + 1, global_step, self.steps_per_epoch, self.total_steps, loss,
+                          float(self.lr_per_step[global_step - 1]), len(self.results), now - self.since,
+                          self.global_batch, skipped, scale)
+        self.results, self.since = [], now
+        return state
+
+
+def run_loop(train_step, dataset, lr_per_step, start_step, total_steps, steps_per_epoch, global_batch, callbacks,
+             log_interval=1):
+    """Step until total_steps. The data pipeline is one stream repeated as often as needed, so a
+    run resumed mid-epoch simply continues; epoch and step numbers derive from the global step.
+    Step results are read back only at sync points: log lines, checkpoints, evaluations, epoch
+    ends and the end."""
+    train_step.set_train(True)
+    repeats = math.ceil((total_steps - start_step) / steps_per_epoch)
+    iterator = checked_iterator(dataset.repeat(repeats).create_tuple_iterator(num_epochs=1))
+    pending = _Pending(lr_per_step, steps_per_epoch, total_steps, global_batch)
+    global_step, state = start_step, None
+    if start_step == 0:
+        logger.info("compiling the training graph (the first step takes longer)")
+    try:
+        for images, labels in iterator:
+            pending.add(global_step + 1, train_step(images, labels))
+            global_step += 1
+            for cb in callbacks:
+                cb.on_step(global_step)
+            step_in_epoch = (global_step - 1) % steps_per_epoch + 1
+            epoch_end = step_in_epoch == steps_per_epoch
+            if (step_in_epoch % log_interval == 0 or epoch_end or global_step >= total_steps
+                    or any(cb.due(global_step) for cb in callbacks)):
+                state = pending.read()
+                for cb in callbacks:
+                    cb.on_sync(state)
+                if epoch_end:
+                    for cb in callbacks:
+                        cb.on_epoch_end(state)
+                pending.since = time.perf_counter()  # saving and evaluating are not step time
+            if global_step >= total_steps:
+                break
+    except KeyboardInterrupt:
+        # Keep the work done so far: the parameters after the last completed step are consistent.
+        if pending.results:
+            state = pending.read()
+        if state is not None:
+            logger.info(f"interrupted at global step {state.global_step}: saving a checkpoint")
+            _finish(callbacks, state)
+        raise
+    except ArcFaceError:
+        _finish(callbacks, None)
+        raise
+    _finish(callbacks, state)
+    return state
+
+
+def _finish(callbacks, state):
+    for cb in callbacks:
+        cb.on_train_end(state)
