@@ -1,11 +1,13 @@
-# make demo : set up .venv and run the bundled demo end to end (train -> evaluate)
-# make test : set up .venv and run the whole test suite
+# make demo      : set up .venv and run the bundled demo end to end (train -> evaluate -> export -> ONNX evaluation)
+# make test      : set up .venv, lint, and run the whole test suite
+# make test-fast : the unit tier only (no end-to-end training, no worker launches, no C++ build)
+# make lint      : ruff (lint + import order)
 PYTHON_BOOTSTRAP ?= python3
 VENV := .venv
 PYTHON := $(VENV)/bin/python
 STAMP := $(VENV)/.requirements-installed
 
-.PHONY: install demo test clean
+.PHONY: install demo test test-fast lint clean
 
 install: $(STAMP)
 
@@ -18,8 +20,14 @@ $(STAMP): requirements.txt
 demo: install
 	PYTHON=$(PYTHON) bash scripts/run_demo.sh
 
-test: install
+lint: install
+	$(PYTHON) -m ruff check .
+
+test: lint
 	$(PYTHON) -m pytest -q tests
+
+test-fast: install
+	$(PYTHON) -m pytest -q -m "not slow and not dist and not cpp" tests
 
 clean:
 	rm -rf outputs/demo demo_data .pytest_cache

@@ -8,6 +8,7 @@ is padded), so the model zoo's second "remainder" model is not needed.
   python eval_ijbc_onnx.py --image-path /data/IJB_release/IJBC --onnx_url arcface_r100.onnx --target IJBC
 """
 import argparse
+import os
 import sys
 
 from src.cli import run_main
@@ -20,13 +21,13 @@ def build_parser():
     parser.add_argument("--onnx_url", required=True, help="ONNX model file")
     parser.add_argument("--target", default="IJBC", type=str.upper, choices=["IJBB", "IJBC"])
     parser.add_argument("--batch_size", type=int, default=128, help="images per run (default: %(default)s)")
-    parser.add_argument("--result-dir", "--result_dir", dest="result_dir", default="ijb_results",
-                        help="scores and ROC plot (default: %(default)s)")
+    parser.add_argument("--result-dir", "--result_dir", dest="result_dir", default=None,
+                        help="scores, ROC plot and log (default: the model's folder)")
     parser.add_argument("--job", default=None, help="method name in the table (default: the target in lower case)")
     parser.add_argument("--device_target", default="CPU", choices=["GPU", "CPU"])
     parser.add_argument("--input_mean", type=float, default=127.5, help="pixel mean of the model (default: 127.5)")
     parser.add_argument("--input_std", type=float, default=127.5, help="pixel std of the model (default: 127.5)")
-    parser.add_argument("--log", default=None, help="log file (default: eval_onnx_<target>.log)")
+    parser.add_argument("--log", default=None, help="log file (default: eval_onnx_<target>.log in the result folder)")
     return parser
 
 
@@ -36,9 +37,10 @@ def main(argv=None):
     from src.evaluation.evaluate import ResultLog
     from src.evaluation.ijb import evaluate_ijb
 
-    with ResultLog(args.log or f"eval_onnx_{args.target}.log") as log:
+    result_dir = args.result_dir or os.path.dirname(os.path.abspath(args.onnx_url))
+    with ResultLog(args.log or os.path.join(result_dir, f"eval_onnx_{args.target}.log")) as log:
         embedder = OnnxEmbedder(args.onnx_url, args.device_target, args.input_mean, args.input_std, log=log)
-        evaluate_ijb(embedder, args.image_path, args.target, args.batch_size, args.result_dir, job=args.job, log=log,
+        evaluate_ijb(embedder, args.image_path, args.target, args.batch_size, result_dir, job=args.job, log=log,
                      progress=sys.stderr.isatty())
     return 0
 

@@ -8,6 +8,7 @@ models: the input name and a fixed batch are read from the model, the pixel norm
   python eval_onnx.py --eval_url /data/eval --onnx_url arcface_r100.onnx --device_target GPU
 """
 import argparse
+import os
 import sys
 
 from src.cli import run_main
@@ -25,8 +26,9 @@ def build_parser():
                         help="GPU uses onnxruntime-gpu's CUDA provider when installed")
     parser.add_argument("--input_mean", type=float, default=127.5, help="pixel mean of the model (default: 127.5)")
     parser.add_argument("--input_std", type=float, default=127.5, help="pixel std of the model (default: 127.5)")
-    parser.add_argument("--log", default="eval_onnx.log", help="file the result lines are appended to")
-    parser.add_argument("--result_dir", default="ijb_results", help="IJB scores and ROC plot (default: %(default)s)")
+    parser.add_argument("--log", default=None, help="file the result lines are appended to (default: eval_onnx.log "
+                                                     "next to the model)")
+    parser.add_argument("--result_dir", default=None, help="IJB scores and ROC plot (default: the model's folder)")
     return parser
 
 
@@ -36,9 +38,10 @@ def main(argv=None):
     from src.evaluation.evaluate import ResultLog, run_evaluation, split_targets
 
     targets = split_targets(args.target)
-    with ResultLog(args.log) as log:
+    folder = os.path.dirname(os.path.abspath(args.onnx_url))
+    with ResultLog(args.log or os.path.join(folder, "eval_onnx.log")) as log:
         embedder = OnnxEmbedder(args.onnx_url, args.device_target, args.input_mean, args.input_std, log=log)
-        run_evaluation(embedder, args.eval_url, targets, args.batch_size, args.nfolds, log, args.result_dir)
+        run_evaluation(embedder, args.eval_url, targets, args.batch_size, args.nfolds, log, args.result_dir or folder)
     return 0
 
 

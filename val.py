@@ -4,12 +4,13 @@ Reads <eval_url>/<target>.bin for every target, embeds the images and their flip
 the 10-fold protocol's lines, e.g. `[lfw]Accuracy-Flip: 0.99817+-0.00273`. A missing set is
 reported and skipped. `--target IJBB` or `IJBC` runs the IJB 1:1 protocol on an IJB_release/<target>
 folder (or its parent) and prints the TAR@FAR table; scores and a ROC plot go to --result_dir.
-The lines also go to --log (default eval.log).
+The lines also go to --log (default: eval.log next to the checkpoint).
 
   python val.py --eval_url /data/eval --ckpt_url outputs/ms1mv2_r100
   python val.py --eval_url /data/IJB_release/IJBC --target IJBC --ckpt_url outputs/ms1mv2_r100
 """
 import argparse
+import os
 import sys
 
 from src.cli import run_main
@@ -30,8 +31,9 @@ def build_parser():
     parser.add_argument("--device_id", type=int, default=0)
     parser.add_argument("--batch_size", type=int, default=64, help="images per forward pass (default: %(default)s)")
     parser.add_argument("--nfolds", type=int, default=10, help="folds of the protocol (default: %(default)s)")
-    parser.add_argument("--log", default="eval.log", help="file the result lines are appended to")
-    parser.add_argument("--result_dir", default="ijb_results", help="IJB scores and ROC plot (default: %(default)s)")
+    parser.add_argument("--log", default=None, help="file the result lines are appended to (default: eval.log in the "
+                                                     "checkpoint's folder)")
+    parser.add_argument("--result_dir", default=None, help="IJB scores and ROC plot (default: the checkpoint's folder)")
     return parser
 
 
@@ -43,10 +45,11 @@ def main(argv=None):
 
     targets = split_targets(args.target)
     runtime.setup(args.device_target, args.device_id, distributed=False)
+    folder = args.ckpt_url if os.path.isdir(args.ckpt_url) else os.path.dirname(os.path.abspath(args.ckpt_url))
     backbone = backbone_from_checkpoint(args.ckpt_url, args.network, args.width, args.num_features)
-    with ResultLog(args.log) as log:
+    with ResultLog(args.log or os.path.join(folder, "eval.log")) as log:
         run_evaluation(MindSporeEmbedder(backbone), args.eval_url, targets, args.batch_size, args.nfolds, log,
-                       args.result_dir)
+                       args.result_dir or folder)
     return 0
 
 

@@ -11,11 +11,19 @@ OUT=${DEMO_OUT:-outputs/demo}
 start=$SECONDS
 stage() { echo; echo "==== [demo] $1 ($((SECONDS - start)) s)"; }
 
+# The demo always trains from scratch, but deletes only a folder it made itself.
+if [ -e "$OUT" ] && [ ! -f "$OUT/.arcface-demo" ]; then
+    echo "error: $OUT exists and was not made by the demo: set DEMO_OUT to another folder" >&2
+    exit 2
+fi
+
 if [ ! -f "$DATA/demo.bin" ] || [ ! -f "$DATA/train/train.rec" ]; then
     stage "generating synthetic identities"
     "$PYTHON" -m src.data.demo_data --output "$DATA"
 fi
-rm -rf "$OUT"   # the demo always trains from scratch
+rm -rf "$OUT"
+mkdir -p "$OUT"
+touch "$OUT/.arcface-demo"
 stage "training"
 "$PYTHON" train.py --config configs/demo.yaml --data_url "$DATA/train" --train_url "$OUT"
 stage "evaluating the checkpoint on held-out identities"

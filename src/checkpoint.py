@@ -57,25 +57,59 @@ def non_finite_entries(entries):
             if value.dtype.kind == "f" and not np.isfinite(value).all()]
 
 
+TEMP_PREFIX = ".tmp-"
+_TEMP_RE = re.compile(r"^\.tmp-\d+-.+\.(ckpt|tmp)$")
+
+
 def save_checkpoint_atomic(entries, path, meta=None):
     """Write a checkpoint of `entries` (a Cell or a list of {"name", "data"}) with `meta` entries.
 
     Refuses entries holding NaN/Inf: a diverged run must never replace good checkpoints. Writes to
-    a hidden temporary file in the same folder, then renames: a crash during the save leaves the
-    previous checkpoint intact and no half-written file under the final name."""
+    a hidden temporary file in the same folder (MindSpore itself writes `<temp>.tmp` first and
+    renames it), syncs it to disk, renames it and syncs the folder: a crash or power loss during the
+    save leaves the previous checkpoint intact and no half-written file under the final name. A
+    failed write (a full disk) is one ArcFaceError and leaves no temporary file behind."""
     bad = non_finite_entries(entries)
     if bad:
         raise ArcFaceError(f"not saving {os.path.basename(path)}: {len(bad)} parameter(s) hold NaN/Inf "
                            f"(e.g. {bad[0]}); the run diverged, lower --lr or resume from an earlier checkpoint")
+    if not path.endswith(".ckpt"):
+        raise ArcFaceError(f"{path}: a checkpoint's name must end with .ckpt")
     directory, name = os.path.split(path)
-    tmp = os.path.join(directory, f".tmp-{os.getpid()}-{name}")
+    tmp = os.path.join(directory, f"{TEMP_PREFIX}{os.getpid()}-{name}")
+    temporaries = (tmp, tmp[:-len(".ckpt")] + ".tmp")
     try:
         meta = {META_PREFIX + key: value for key, value in (meta or {}).items()}
         ms.save_checkpoint(entries, tmp, append_dict=meta)
+        _fsync(tmp)
         os.replace(tmp, path)
+        _fsync(directory or ".")
+    except OSError as exc:
+        raise ArcFaceError(f"cannot write {path}: {exc.strerror or exc}; the earlier checkpoints are intact") from None
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        for leftover in temporaries:
+            if os.path.exists(leftover):
+                os.remove(leftover)
+
+
+def _fsync(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def remove_stale_temporaries(directory):
+    """Delete what a killed save left behind (`.tmp-<pid>-<name>.ckpt` / `.tmp`). Call it only while
+    holding the folder's lock: another run's save in progress would look the same."""
+    removed = []
+    if os.path.isdir(directory):
+        for name in os.listdir(directory):
+            if _TEMP_RE.match(name):
+                os.remove(os.path.join(directory, name))
+                removed.append(name)
+    return removed
 
 
 def _meta_value(value):
@@ -136,13 +170,32 @@ def load_backbone(backbone, path, params=None):
     return selected
 
 
-def resolve_checkpoint(path):
-    """A checkpoint file, or for a training folder its newest `ArcFace-*.ckpt`."""
+def newest_readable(directory, usable=None, log=None, skipped=None):
+    """(path, params, meta) of the newest checkpoint in `directory` that can be read (and for which
+    `usable(path, params)` holds). An unreadable one (truncated by a crash, a power loss) is
+    reported through `log`, added to the list `skipped` and passed over."""
+    found = list_checkpoints(directory)
+    if not found:
+        raise ArcFaceError(f"no {CKPT_PREFIX}-*.ckpt checkpoint in {directory}")
+    for path in reversed(found):
+        try:
+            params, meta = read_checkpoint(path)
+        except ArcFaceError as exc:
+            if log:
+                log(f"warning: skipping an unreadable checkpoint: {exc}")
+            if skipped is not None:
+                skipped.append(path)
+            continue
+        if usable is None or usable(path, params):
+            return path, params, meta
+        if skipped is not None:
+            skipped.append(path)
+    raise ArcFaceError(f"none of the {len(found)} checkpoints in {directory} can be used")
+
+
+def read_checkpoint_or_newest(path, log=None):
+    """(path, params, meta) of a checkpoint file, or of the newest readable one of a training folder."""
     if os.path.isdir(path):
-        found = list_checkpoints(path)
-        if not found:
-            raise ArcFaceError(f"no {CKPT_PREFIX}-*.ckpt checkpoint in {path}")
-        return found[-1]
-    if not os.path.isfile(path):
-        raise ArcFaceError(f"checkpoint not found: {path}")
-    return path
+        return newest_readable(path, log=log)
+    params, meta = read_checkpoint(path)
+    return path, params, meta

@@ -27,7 +27,7 @@ import numpy as np  # noqa: E402
 
 from src.cli import run_main  # noqa: E402
 from src.data.images import image_format  # noqa: E402
-from src.data.sources import open_source, scan  # noqa: E402
+from src.data.sources import implausible_class_count, open_source, scan  # noqa: E402
 
 SHOWN = 20  # problems of one kind printed in full
 
@@ -113,6 +113,9 @@ def check_declared(rep, source, labels, counts, first):
                     lambda i: f"{source.where(i)}: label {int(labels[i])} is out of range: {property_path} "
                               f"declares {source.num_classes} classes")
     ok = not out_of_range.size
+    if labels.size and labels.max() >= 0 and implausible_class_count(source, int(labels.max()) + 1):
+        rep.problem(implausible_class_count(source, int(labels.max()) + 1))
+        ok = False
     if first is not None and tuple(first) != (h, w):
         rep.problem(f"{property_path}: declares {w}x{h} images, the first image is {first[1]}x{first[0]}")
         ok = False

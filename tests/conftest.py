@@ -36,3 +36,14 @@ def trained_run(tiny_data, tmp_path_factory):
                  "--eval_batch_size", "16"]
     assert main(["--data_url", str(tiny_data[0]), "--train_url", str(out)] + TINY_TRAIN_ARGS + eval_args) == 0
     return out
+
+
+# Tiers (pyproject.toml): tests that use these fixtures train, export or launch workers.
+TIER_OF_FIXTURE = {"trained_run": "slow", "exported": "slow", "dist_run": "dist"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        for fixture, tier in TIER_OF_FIXTURE.items():
+            if fixture in getattr(item, "fixturenames", ()):
+                item.add_marker(tier)

@@ -26,6 +26,8 @@ FETCH = ROOT / "scripts" / "fetch_mindspore_lite.sh"
 FACE_BYTES = 3 * 112 * 112 * 4
 NO_INSTALL_ENV = {"MINDSPORE_PATH": "", "LITE_HOME": "", "ARCFACE_NO_PIP_SEARCH": "1"}
 
+pytestmark = pytest.mark.cpp
+
 
 def _env(**overrides):
     env = dict(os.environ)

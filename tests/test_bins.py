@@ -1,6 +1,7 @@
 import builtins
 import os
 import pickle
+import pickletools
 import struct
 
 import cv2
@@ -150,6 +151,9 @@ def test_empty_image_names_index(tmp_path):
         (([b"a"] * 4, [True]), "4 images but 1 issame"),
         (([b"a"] * 2, np.array([[True]])), "1-D boolean"),
         (([12, 13], [True]), "image 0 is not an encoded byte string"),
+        (([], []), "no pairs"),
+        (([], np.array([], dtype=bool)), "no pairs"),
+        (([b"a"] * 2, [np.float64(1.0)]), "refusing to load: numpy.dtype: dtype 'f8' is not allowed"),
     ],
 )
 def test_wrong_structure(tmp_path, obj, message):
@@ -186,6 +190,51 @@ def test_numpy2_module_names_accepted(tmp_path):
     path.write_bytes(data)
     _, issame = load_bin(path)
     assert issame.tolist() == [True, False]
+
+
+def _with_numpy2_names(data):
+    """The pickle as numpy 2 writes it (numpy._core.* for numpy.core.*); frames are dropped because
+    the longer names change their sizes."""
+    ops = list(pickletools.genops(data))
+    ends = [pos for _, _, pos in ops[1:]] + [len(data)]
+    out = []
+    for (op, arg, pos), end in zip(ops, ends):
+        if op.name == "FRAME":
+            continue
+        if isinstance(arg, str) and arg.startswith("numpy.core."):
+            arg = "numpy._core." + arg[len("numpy.core."):]
+            if op.name == "GLOBAL":
+                out.append(b"c" + arg.replace(" ", "\n").encode() + b"\n")
+            else:
+                out.append(b"X" + struct.pack("<I", len(arg)) + arg.encode())
+        else:
+            out.append(data[pos:end])
+    return b"".join(out)
+
+
+@pytest.mark.parametrize("numpy_version", [1, 2])
+@pytest.mark.parametrize("protocol", [2, 3, 4, 5])
+def test_numpy_values_in_every_protocol(tmp_path, protocol, numpy_version):
+    """What numpy 1 and 2 write at each protocol: uint8 image arrays (read-only ones as bytes,
+    writable ones as bytearray at protocol 5), bool and integer arrays and scalars for issame."""
+    _, blobs = _pairs(4)
+    reference = tmp_path / "reference.bin"
+    save_bin(reference, blobs, [True, False])
+    expected_images, _ = load_bin(reference)
+
+    read_only, writable = np.frombuffer(blobs[0], np.uint8), np.frombuffer(blobs[3], np.uint8).copy()
+    images = [read_only, blobs[1], bytearray(blobs[2]), writable]
+    path = tmp_path / "n.bin"
+    for issame in (np.array([True, False]), [np.bool_(True), np.bool_(False)], np.array([1, 0], dtype=">i4"),
+                   [np.int64(1), np.uint8(0)], (True, np.int16(0))):
+        data = pickle.dumps((images, issame), protocol=protocol)
+        if numpy_version == 2:
+            data = _with_numpy2_names(data)
+            assert b"numpy._core" in data and b"numpy.core" not in data
+        path.write_bytes(data)
+        loaded, flags = load_bin(path)
+        assert flags.dtype == bool and flags.tolist() == [True, False]
+        np.testing.assert_array_equal(loaded, expected_images)
 
 
 def test_python2_style_pickle(tmp_path):

@@ -283,6 +283,7 @@ def test_three_input_kinds_give_the_same_samples(base, tmp_path):
     assert sorted(np.concatenate(labels).tolist()) == sorted(label for label, _ in reference)
 
 
+@pytest.mark.slow
 def test_training_on_a_mindrecord_folder(base, tmp_path):
     import train
     out = tmp_path / "run"

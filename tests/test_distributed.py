@@ -12,7 +12,8 @@ ROOT = Path(__file__).resolve().parents[1]
 MSRUN = Path(sys.executable).parent / "msrun"
 STEPS = 3
 
-pytestmark = pytest.mark.skipif(not MSRUN.exists(), reason="msrun (MindSpore's launcher) is not installed")
+pytestmark = [pytest.mark.dist, pytest.mark.slow,
+              pytest.mark.skipif(not MSRUN.exists(), reason="msrun (MindSpore's launcher) is not installed")]
 
 
 def free_port():

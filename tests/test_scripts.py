@@ -30,6 +30,7 @@ def test_run_eval_on_cpu_writes_eval_log(trained_run, tiny_data, tmp_path):
     assert "[demo]Accuracy-Flip:" in (tmp_path / "eval.log").read_text()
 
 
+@pytest.mark.slow
 def test_standalone_cpu_training_writes_to_the_device_folder(tiny_data, tmp_path):
     result = run_script("run_standalone_train_cpu.sh", [tiny_data[0], "--network", "r18", "--width", "8",
                                                          "--batch_size", "8", "--max_steps", "2", "--num_workers", "1"],

@@ -546,12 +546,24 @@ def open_source(path, for_training=True):
     return source
 
 
+def implausible_class_count(source, needed):
+    """Why the number of classes the folder declares is not believable for labels 0..needed-1, or
+    None. A damaged `property` can declare billions of classes; the head would then take terabytes."""
+    declared = int(source.num_classes or 0)
+    if declared > max(2 * needed, needed + 10000):
+        return (f"{source.property_path or source.path} declares {declared} classes but the labels use only "
+                f"0..{needed - 1}: a damaged file? (--num_classes sets the number of classes explicitly)")
+    return None
+
+
 def resolve_num_classes(source, requested, path=""):
     """The dataset's own count when `requested` is 0; an error when the labels do not fit."""
     labels = source.labels()
     if labels.min() < 0:
         raise ArcFaceError(f"training data {path} has a negative label ({labels.min()})")
     needed = int(labels.max()) + 1
+    if not requested and implausible_class_count(source, needed):
+        raise ArcFaceError(implausible_class_count(source, needed))
     own = max(int(source.num_classes or 0), needed)
     if requested and requested < needed:
         raise ArcFaceError(f"--num_classes {requested} is smaller than the labels in {path} "

@@ -54,9 +54,7 @@ def read_embeddings(result_dir, label_dir, name, batch_size=None):
     for path in (meta_path, issame_path):
         if not os.path.isfile(path):
             raise ArcFaceError(f"{path} not found: run preprocess.py for {name} first")
-    with open(meta_path, encoding="utf-8") as fh:
-        meta = json.load(fh)
-    count, batch = meta["images"], meta["batch_size"]
+    count, batch = _read_layout(meta_path)
     if batch_size and batch_size != batch:
         raise ArcFaceError(f"--batch_size {batch_size} does not match the preprocessed batches ({batch})")
     if not os.path.isdir(result_dir) or not glob.glob(os.path.join(result_dir, f"{name}_*_0.bin")):
@@ -77,7 +75,36 @@ def read_embeddings(result_dir, label_dir, name, batch_size=None):
         if len(dims) != 1:
             raise ArcFaceError(f"inference results of {name} in {result_dir} have mixed sizes {sorted(dims)}")
         outputs.append(np.concatenate(parts)[:count])
-    issame = np.load(issame_path)
+    issame = _read_issame(issame_path)
     if len(issame) * 2 != count:
         raise ArcFaceError(f"{issame_path}: {len(issame)} pairs for {count} images")
     return outputs[0], outputs[1], issame
+
+
+def _read_layout(meta_path):
+    """(images, batch_size) from preprocess's `<name>_meta.json`, checked."""
+    try:
+        with open(meta_path, encoding="utf-8") as fh:
+            meta = json.load(fh)
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ArcFaceError(f"{meta_path}: not readable JSON ({exc})") from None
+    values = {key: meta.get(key) if isinstance(meta, dict) else None for key in ("images", "batch_size")}
+    for key, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ArcFaceError(f"{meta_path}: '{key}' must be a positive integer, found {value!r} "
+                               f"(run preprocess.py again)")
+    if values["images"] % 2:
+        raise ArcFaceError(f"{meta_path}: {values['images']} images cannot form pairs")
+    return values["images"], values["batch_size"]
+
+
+def _read_issame(path):
+    """The pair labels: a 1-D boolean (or 0/1) array, never a pickle."""
+    try:
+        issame = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        raise ArcFaceError(f"{path}: not a readable .npy array ({exc})") from None
+    flags = issame.dtype.kind == "b" or (issame.dtype.kind in "iu" and np.isin(issame, (0, 1)).all())
+    if issame.ndim != 1 or not flags:
+        raise ArcFaceError(f"{path}: expected a 1-D array of booleans, found {issame.dtype} {issame.shape}")
+    return issame.astype(bool)

@@ -4,6 +4,7 @@ The evaluation protocols take any embedder, so MindSpore networks, exported mode
 precomputed features all go through the same verification and IJB code.
 """
 import os
+import sys
 
 import numpy as np
 
@@ -27,10 +28,9 @@ def backbone_from_checkpoint(ckpt_path, network=None, width=None, num_features=N
     """Build the backbone a checkpoint was trained with and load its weights. The architecture is
     read from the checkpoint; arguments given explicitly override it (needed for checkpoints that
     do not record it: then r100, width 64, 512 features are assumed)."""
-    from src.checkpoint import load_backbone, read_checkpoint, resolve_checkpoint
+    from src.checkpoint import load_backbone, read_checkpoint_or_newest
     from src.models import get_backbone
-    path = resolve_checkpoint(ckpt_path)
-    params, meta = read_checkpoint(path)
+    path, params, meta = read_checkpoint_or_newest(ckpt_path, log=lambda line: print(line, file=sys.stderr))
     backbone = get_backbone(network or meta.get("network", "r100"),
                             num_features=num_features or meta.get("num_features", 512),
                             width=width or meta.get("width", 64))

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from src.data.images import decode_image
 from src.errors import ArcFaceError
 from src.evaluation.verification import embed_pairs
 
@@ -163,7 +164,10 @@ def _parse_named_rows(path, n_numbers, kind):
                 f"{path}, line {number}: expected {expected} fields (image name and {n_numbers} "
                 f"numbers), got {len(fields)}"
             )
-        names.append(fields[0])
+        name = fields[0]
+        if os.path.isabs(name) or ".." in name.replace("\\", "/").split("/"):
+            raise ArcFaceError(f"{path}, line {number}: image name {name!r} points outside loose_crop/")
+        names.append(name)
         values.append(fields[1:])
         numbers.append(number)
     if not names:
@@ -335,12 +339,11 @@ def _load_face(root, meta, index):
     path = os.path.join(root, "loose_crop", meta.image_names[index])
     if not os.path.isfile(path):
         raise ArcFaceError(f"missing IJB image: {path}")
-    data = np.fromfile(path, dtype=np.uint8)
-    image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    image = decode_image(np.fromfile(path, dtype=np.uint8))
     if image is None:
         raise ArcFaceError(f"cannot decode IJB image: {path}")
     try:
-        return align_face(image, meta.landmarks[index])
+        return align_face(image[:, :, ::-1], meta.landmarks[index])
     except ArcFaceError as error:
         raise ArcFaceError(f"{path}: {error}") from None
 

@@ -239,15 +239,6 @@ class PartialFC(nn.Cell):
             params[name].set_data(Tensor(np.ascontiguousarray(value), params[name].dtype))
 
 
-def has_head_state(checkpoint_path):
-    """True when `checkpoint_path` carries a complete head: inside it, or as a full set of shards."""
-    if sharding.complete_shard_sets(checkpoint_path):
-        return True
-    # global_step is in every training checkpoint: the selection is never empty.
-    found = ms.load_checkpoint(checkpoint_path, choice_func=lambda name: name in ("head.weight", "global_step"))
-    return "head.weight" in found
-
-
 def read_shard(source):
     """(arrays {name: ndarray}, info {class_start, class_stop, num_classes, rank, world_size}) of a
     shard file or of the dict ms.load_checkpoint returned for one."""

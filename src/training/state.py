@@ -16,12 +16,12 @@ from src.checkpoint import (
     checkpoint_position,
     list_checkpoints,
     load_backbone,
+    newest_readable,
     read_checkpoint,
     save_checkpoint_atomic,
 )
 from src.errors import ArcFaceError
 from src.heads import sharding
-from src.heads.classifier import has_head_state
 
 logger = logging.getLogger("arcface")
 
@@ -86,16 +86,24 @@ def remove_checkpoint(path):
         _remove(victim)
 
 
-def latest_resumable(directory):
-    """The newest checkpoint in `directory` whose head state is complete."""
-    found = list_checkpoints(directory)
-    if not found:
-        raise ArcFaceError(f"--resume auto: no ArcFace-*.ckpt checkpoint in {directory}")
-    for path in reversed(found):
-        if has_head_state(path):
-            return path
+def latest_resumable(directory, skipped=None):
+    """(path, params, meta) of the newest checkpoint in `directory` that can be read and whose head
+    state is complete (inside it, or a full set of shards next to it); newer ones are skipped with
+    a warning (a truncated file, a rank killed before writing its shard) and listed in `skipped`."""
+    def complete(path, params):
+        if "head.weight" in params or sharding.complete_shard_sets(path):
+            return True
         logger.warning(f"{os.path.basename(path)}: its head shards are incomplete, trying an older checkpoint")
-    raise ArcFaceError(f"none of the {len(found)} checkpoints in {directory} has a complete classification head")
+        return False
+    return newest_readable(directory, usable=complete, log=logger.warning, skipped=skipped)
+
+
+def set_aside(path):
+    """Rename a checkpoint that cannot be resumed (and its shards) to `<name>.unusable`, so that it
+    neither counts as the newest one nor gets pruned as an old one; nothing is deleted."""
+    for victim in [path] + sharding.shard_files_of(path):
+        if os.path.exists(victim):
+            os.replace(victim, victim + ".unusable")
 
 
 def restore(train_cell, head, path, params=None, meta=None):

@@ -6,14 +6,16 @@ Per step:
    loss_scale x head.grad_scale (1 / world_size, see src.heads.classifier);
 2. on several ranks the gradients of replicated parameters (the backbone) are summed over the
    ranks; the head's gradients stay on their rank (each holds other classes);
-3. gradients are unscaled, and checked for NaN/Inf together with the loss (all ranks agree);
+3. gradients are unscaled, and checked for NaN/Inf together with the loss and BatchNorm's moving
+   statistics (all ranks agree);
 4. a finite step is applied by the optimizer; a non-finite one is skipped (no parameter changes)
    and reported as `overflow`. With loss scaling the scale is lowered on overflow and raised after
    a run of good steps (nn.DynamicLossScaleUpdateCell). The optimizer's step counter advances on
    skipped steps too, so the learning rate always follows the iteration.
 
-An overflow at loss scale 1 (always so in fp32) cannot be a scaling artefact: the trainer stops
-there (the run diverged). Nothing is read back to the host here.
+A non-finite loss (the forward pass overflowed, or BatchNorm's moving statistics are no longer
+finite) or an overflow at loss scale 1 (always so in fp32) cannot be a scaling artefact: the
+trainer stops there (the run diverged). Nothing is read back to the host here.
 """
 import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
@@ -89,6 +91,10 @@ class TrainStep(nn.Cell):
         self.optimizer = optimizer
         self.weights = optimizer.parameters
         self.gradients = Gradients(network, self.weights)
+        # Updated by the forward pass, not by the optimizer (BatchNorm's moving mean/variance): a
+        # diverging run can make them Inf while every gradient is still finite.
+        self.statistics = ms.ParameterTuple(p for p in network.get_parameters()
+                                            if not p.requires_grad and p.dtype in (ms.float32, ms.float16))
         self.distributed = network.head.world_size > 1
         self.all_reduce = ops.AllReduce() if self.distributed else None
         self.hyper_map = ops.HyperMap()
@@ -109,6 +115,9 @@ class TrainStep(nn.Cell):
         loss, grads = self.gradients(images, labels, ops.cast(scale, ms.float32))
         if self.loss_scaling:
             grads = self.hyper_map(ops.partial(_unscale, scale), grads)
+        # Non-finite moving statistics cannot recover (they average themselves): report such a step
+        # with a NaN loss, which the trainer treats as divergence whatever the loss scale.
+        loss = ops.select(ms.amp.all_finite(self.statistics), loss, ops.full_like(loss, float("nan")))
         finite = ops.logical_and(ms.amp.all_finite(grads), ops.isfinite(loss))
         bad = ops.cast(ops.logical_not(finite), ms.float32)
         if self.distributed:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import mindspore as ms
 
 from src import runtime
-from src.checkpoint import MODEL_KEYS, list_checkpoints, read_checkpoint
+from src.checkpoint import MODEL_KEYS, checkpoint_position, list_checkpoints, read_checkpoint, remove_stale_temporaries
 from src.config import read_record, record_text, resume_config
 from src.data.pipeline import checked_iterator, create_train_dataset
 from src.data.sources import open_source, resolve_num_classes
@@ -27,6 +27,7 @@ from src.errors import ArcFaceError
 from src.heads.classifier import PartialFC
 from src.heads.margin import CombinedMargin
 from src.models import get_backbone
+from src.training import modelarts
 from src.training.callbacks import (
     CheckpointSaver,
     CurvePlotter,
@@ -36,14 +37,14 @@ from src.training.callbacks import (
     best_eval_score,
     setup_logging,
 )
+from src.training.lock import RunLock
 from src.training.lr_schedule import scaled_lr, step_lr
 from src.training.optim import build_optimizer
-from src.training.state import CheckpointWriter, initialise, latest_resumable, restore
+from src.training.state import CheckpointWriter, initialise, latest_resumable, restore, set_aside
 from src.training.step import BackboneWithHead, TrainStep
 
 logger = logging.getLogger("arcface")
 
-MODELARTS_CACHE = "/cache"  # the local disk of a ModelArts job
 
 
 @dataclass
@@ -55,23 +56,39 @@ class Run:
     resume_path: str = ""
     resume_params: dict = None
     resume_meta: dict = None
+    lock: RunLock = None
 
     @property
     def data_dir(self):
-        return os.path.join(MODELARTS_CACHE, "data") if self.cfg.modelarts else self.cfg.data_url
+        return os.path.join(modelarts.CACHE, "data") if self.cfg.modelarts else self.cfg.data_url
 
 
 # --- phases ---------------------------------------------------------------------------------------
 
 def set_up(cfg):
     rt = runtime.setup(cfg.device_target, cfg.device_id, cfg.mode, seed=cfg.seed)
-    run = Run(cfg, rt, cfg.train_url)
+    run = Run(cfg, rt, os.path.join(modelarts.CACHE, "output") if cfg.modelarts else cfg.train_url)
+    if rt.is_main:
+        run.lock = RunLock(run.output_dir).acquire()
+    try:
+        _prepare_folders(run)
+    except BaseException:
+        if run.lock is not None:
+            run.lock.release()
+        raise
+    return run
+
+
+def _prepare_folders(run):
+    cfg, rt = run.cfg, run.rt
     if cfg.modelarts:
-        run.output_dir = os.path.join(MODELARTS_CACHE, "output")
-        _modelarts_sync(cfg.data_url, run.data_dir)
+        modelarts.fetch_once(cfg.data_url, run.data_dir)
         if cfg.resume:
-            _modelarts_sync(cfg.train_url, run.output_dir)  # the checkpoints to continue from
+            modelarts.fetch_once(cfg.train_url, run.output_dir)  # the checkpoints to continue from
+    stale = remove_stale_temporaries(run.output_dir) if rt.is_main else []
     setup_logging(run.output_dir, main=rt.is_main)
+    for name in stale:
+        logger.info(f"removed {name}, left by an interrupted save")
     if cfg.device_num > 1 and cfg.device_num != rt.group_size:
         logger.warning(f"--device_num {cfg.device_num} but {rt.group_size} process(es) were launched: "
                        f"using {rt.group_size}")
@@ -80,7 +97,6 @@ def set_up(cfg):
         # A fresh run would mix its checkpoints with these (and prune its own first).
         raise ArcFaceError(f"{run.output_dir} already holds checkpoints ({os.path.basename(existing[-1])}): "
                            f"use --resume auto to continue, or another --train_url")
-    return run
 
 
 def resolve_resume(run, given):
@@ -88,11 +104,26 @@ def resolve_resume(run, given):
     cfg = run.cfg
     if not cfg.resume:
         return
-    path = latest_resumable(run.output_dir) if cfg.resume == "auto" else cfg.resume
-    run.resume_params, run.resume_meta = read_checkpoint(path)
-    run.resume_path = path
-    if "config" in run.resume_meta:
-        recorded = read_record(run.resume_meta["config"], path)
+    skipped = []
+    if cfg.resume == "auto":
+        path, params, meta = latest_resumable(run.output_dir, skipped)
+        if run.rt.is_main:
+            for unusable in skipped:
+                set_aside(unusable)
+                logger.warning(f"renamed {os.path.basename(unusable)} to {os.path.basename(unusable)}.unusable")
+    else:
+        path = cfg.resume
+        params, meta = read_checkpoint(path)
+    later = [p for p in list_checkpoints(run.output_dir) if p not in skipped
+             and checkpoint_position(p) > (meta.get("epoch", 0), meta.get("step_in_epoch", 0))]
+    if later:
+        # Continuing would write an older branch over these and prune them as "old".
+        raise ArcFaceError(f"--resume {path} is at epoch {meta.get('epoch')} step {meta.get('step_in_epoch')}, but "
+                           f"{run.output_dir} already holds the later {os.path.basename(later[-1])}: continue from "
+                           f"{os.path.basename(path)} into another --train_url, or use --resume auto")
+    run.resume_path, run.resume_params, run.resume_meta = path, params, meta
+    if "config" in meta:
+        recorded = read_record(meta["config"], path)
         run.cfg = resume_config(cfg, given if given is not None else frozenset(), recorded, path)
 
 
@@ -183,8 +214,10 @@ def train(cfg, given=None):
     try:
         return _train(run, given)
     finally:
-        if run.cfg.modelarts and run.rt.is_main:
-            _modelarts_sync(run.output_dir, run.cfg.train_url)  # checkpoints and logs back to OBS, also after a failure
+        if run.cfg.modelarts:  # checkpoints and logs back to OBS, also after a failure
+            modelarts.push_results(run.output_dir, run.cfg.train_url, run.rt.rank, run.rt.group_size)
+        if run.lock is not None:
+            run.lock.release()
 
 
 def _train(run, given):
@@ -217,7 +250,7 @@ def _train(run, given):
                 + (f" | sampling {cfg.sample_rate:g} of the class centres" if cfg.sample_rate < 1 else ""))
     callbacks = build_callbacks(run, net, step)
     # A scheduler's SIGTERM is handled like Ctrl-C: the last completed step is saved.
-    previous_handler = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    previous_handler = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         return run_loop(step, dataset, lr_per_step, start_step, total_steps, steps_per_epoch,
                         cfg.batch_size * run.rt.group_size, callbacks, cfg.log_interval)
@@ -225,16 +258,14 @@ def _train(run, given):
         signal.signal(signal.SIGTERM, previous_handler)
 
 
-def _modelarts_sync(src, dst):
-    try:
-        import moxing as mox
-    except ImportError:
-        raise ArcFaceError("--modelarts needs the moxing package, available on ModelArts") from None
-    mox.file.copy_parallel(src, dst)
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C: from a job scheduler, from the launcher, or from MindSpore's
+    cluster manager when another rank or node stopped answering (the ranks then stop within the
+    cluster time-out instead of waiting in a collective forever)."""
 
 
-def _raise_keyboard_interrupt(signum, frame):
-    raise KeyboardInterrupt
+def _raise_terminated(signum, frame):
+    raise Terminated
 
 
 # --- the loop -------------------------------------------------------------------------------------
@@ -253,12 +284,12 @@ class _Pending:
 
     def read(self):
         """Read the pending results: a SyncState for the last step, or an ArcFaceError naming the
-        first step whose gradients were not finite at loss scale 1 (the run diverged; the step
-        was not applied, so the parameters are those before it)."""
+        first step that diverged: a non-finite loss, or gradients not finite at loss scale 1 (such a
+        step was not applied, so the parameters are those before it)."""
         skipped, loss, scale = 0, None, 1.0
         for global_step, (loss_t, overflow_t, scale_t) in self.results:
             loss, overflow, scale = float(loss_t.asnumpy()), bool(overflow_t.asnumpy()), float(scale_t.asnumpy())
-            if overflow and scale <= 1.0:
+            if not math.isfinite(loss) or (overflow and scale <= 1.0):
                 epoch, step_in_epoch = divmod(global_step - 1, self.steps_per_epoch)
                 raise ArcFaceError(
                     f"the loss or the gradients are not finite (loss {loss:g}) at epoch {epoch + 1} step "
@@ -307,12 +338,19 @@ def run_loop(train_step, dataset, lr_per_step, start_step, total_steps, steps_pe
                 pending.since = time.perf_counter()  # saving and evaluating are not step time
             if global_step >= total_steps:
                 break
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
         # Keep the work done so far: the parameters after the last completed step are consistent.
+        # On several ranks a rank that died leaves its head shard of this save unwritten, and
+        # --resume auto then takes the newest complete checkpoint.
+        why = ("stopped by SIGTERM (a job scheduler, the launcher, or MindSpore after another rank stopped "
+               "answering)" if isinstance(stop, Terminated) else "interrupted")
         if pending.results:
             state = pending.read()
-        if state is not None:
-            logger.info(f"interrupted at global step {state.global_step}: saving a checkpoint")
+        if state is None:
+            logger.warning(f"{why} before the first step ended: nothing to save")
+        else:
+            logger.warning(f"{why} at global step {state.global_step}: saving a checkpoint; continue with "
+                           f"--resume auto")
             _finish(callbacks, state)
         raise
     except ArcFaceError:

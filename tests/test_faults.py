@@ -1,0 +1,462 @@
+"""Faults made to happen: divergence, kills, full disks, concurrent runs, older checkpoints, damaged
+files, hostile inputs. Each has a defined outcome: one `error:` line and exit code 2, nothing lost,
+nothing written outside the output folder."""
+import errno
+import json
+import os
+import resource
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import yaml
+
+import postprocess
+import preprocess
+import train
+import val
+from src import datainfo, pack_rec
+from src.checkpoint import list_checkpoints, save_checkpoint_atomic
+from src.cli import run_main
+from src.data.bins import save_bin
+from src.data.recordio import IndexedRecordWriter, pack_header, write_face_dataset
+from src.errors import ArcFaceError
+
+ROOT = Path(__file__).resolve().parents[1]
+SHORT = ["--network", "r18", "--width", "8", "--batch_size", "8", "--num_workers", "1", "--log_interval", "1"]
+
+
+def one_error_line(capsys):
+    err = capsys.readouterr().err.strip()
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and not [line for line in err.splitlines() if line.startswith("Traceback")], err
+    return lines[0]
+
+
+def face(seed, size=(112, 112)):
+    rng = np.random.default_rng(seed)
+    image = cv2.resize(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8), (size[1], size[0]))
+    return cv2.imencode(".jpg", image)[1].tobytes()
+
+
+def png(width, height):
+    """A tiny PNG file that declares width x height pixels (compresses to almost nothing)."""
+    raw = zlib.compress(b"".join(b"\0" + bytes(width * 3) for _ in range(height)), 9)
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", raw) + chunk(b"IEND", b""))
+
+
+# --- divergence -----------------------------------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("amp", ["O0", "O2"])
+def test_divergence_stops_with_the_step_and_writes_no_checkpoint(tiny_data, tmp_path, capsys, amp):
+    """--lr 1e8 makes the weights explode within a few steps: training stops with the step named, exit 2,
+    and no checkpoint with NaN/Inf parameters is written (fp32, and fp16 with loss scaling)."""
+    out = tmp_path / "out"
+    args = ["--data_url", str(tiny_data[0]), "--train_url", str(out), "--epochs", "3", "--lr", "1e8",
+            "--amp", amp, "--save_interval", "1"] + SHORT
+    assert run_main(train.main, args) == 2
+    line = one_error_line(capsys)
+    assert "not finite" in line and "global step" in line and "diverged" in line, line
+    for path in list_checkpoints(str(out)):  # what was saved before the divergence is finite
+        import mindspore as ms
+        params = ms.load_checkpoint(path)
+        assert all(np.isfinite(v.asnumpy()).all() for k, v in params.items()
+                   if not isinstance(v, str) and v.dtype in (ms.float32, ms.float16)), path
+    step = int(line.split("global step ")[1].split(")")[0])
+    assert all(int(p.rsplit("_", 1)[1][:-5]) < step for p in list_checkpoints(str(out)))
+
+
+def test_a_checkpoint_with_nan_parameters_is_never_written(tmp_path):
+    import mindspore as ms
+    net = ms.nn.Dense(2, 2)
+    net.weight.set_data(ms.Tensor(np.array([[1.0, np.nan], [0.0, 1.0]], np.float32)))
+    with pytest.raises(ArcFaceError, match="hold NaN/Inf"):
+        save_checkpoint_atomic(net, str(tmp_path / "ArcFace-1_1.ckpt"))
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("option,value,message", [
+    ("--lr", "nan", "--lr must be a finite number"), ("--lr", "inf", "--lr must be a finite number"),
+    ("--momentum", "nan", "--momentum must be a finite number"), ("--momentum", "-3", "--momentum must be at least 0"),
+    ("--weight_decay", "-1", "--weight_decay must be at least 0"), ("--scale", "0", "--scale must be greater than 0"),
+    ("--scale", "-64", "--scale must be greater than 0"), ("--scale", "nan", "--scale must be a finite number"),
+    ("--warmup_epochs", "nan", "--warmup_epochs must be a finite number"),
+    ("--margin", "nan,nan,nan", "--margin 'nan,nan,nan'"), ("--gamma", "-1", "--gamma must be greater than 0"),
+    ("--schedule=-5,100", None, "--schedule must be at least 0"), ("--network", "r51", "unknown backbone 'r51'"),
+    ("--width", "0", "--width must be at least 1"), ("--num_features", "-2", "--num_features must be at least 1"),
+    ("--epochs", "1.5", "--epochs '1.5': invalid value"), ("--sample_rate", "0", "--sample_rate must be greater"),
+])
+def test_bad_options_are_one_line_before_any_work(option, value, message, tmp_path, capsys):
+    # The data folder does not exist: an option error must come first, before the data is opened.
+    args = ["--data_url", str(tmp_path / "absent"), "--train_url", str(tmp_path / "out"), option]
+    args += [value] if value is not None else []
+    assert run_main(train.main, args) == 2
+    assert message in one_error_line(capsys)
+    assert not (tmp_path / "out").exists()
+
+
+def test_yaml_types_and_a_file_as_output_folder_are_refused(tmp_path, capsys):
+    (tmp_path / "c.yaml").write_text("epochs: true\n")
+    assert run_main(train.main, ["--config", str(tmp_path / "c.yaml")]) == 2
+    assert "--epochs True" in one_error_line(capsys)
+    (tmp_path / "a_file").write_text("x")
+    assert run_main(train.main, ["--data_url", str(tmp_path), "--train_url", str(tmp_path / "a_file")]) == 2
+    assert "is a file, not a folder" in one_error_line(capsys)
+
+
+# --- resume, concurrent runs, kills, full disks ---------------------------------------------------
+
+@pytest.mark.slow
+def test_resuming_from_an_older_checkpoint_in_its_own_folder_is_refused(trained_run, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(trained_run, out)
+    before = sorted(p.name for p in out.iterdir())
+    assert run_main(train.main, ["--train_url", str(out), "--resume", str(out / "ArcFace-2_8.ckpt")]) == 2
+    line = one_error_line(capsys)
+    assert "already holds the later ArcFace-4_8.ckpt" in line and "another --train_url" in line
+    assert sorted(p.name for p in out.iterdir()) == before
+
+
+def test_pruning_never_removes_the_checkpoint_just_written(tmp_path):
+    """A run continued into a folder holding later checkpoints (e.g. copied in by hand) keeps its own
+    newest file even when it sorts first."""
+    import mindspore as ms
+
+    from src.heads.classifier import PartialFC
+    from src.training.state import CheckpointWriter
+    from src.training.step import BackboneWithHead, TrainStep
+    net = BackboneWithHead(ms.nn.Dense(3, 4), PartialFC(10, 4, rank=0, world_size=1))
+    step = TrainStep(net, ms.nn.SGD(net.trainable_params(), learning_rate=0.1))
+    for name in ("ArcFace-5_1.ckpt", "ArcFace-6_1.ckpt"):
+        save_checkpoint_atomic(step, str(tmp_path / name))
+    writer = CheckpointWriter(step, net.head, str(tmp_path), keep=2)
+    writer.save({"epoch": 1, "step_in_epoch": 1, "global_step": 1})
+    assert (tmp_path / "ArcFace-1_1.ckpt").is_file()
+
+
+def start_training(out, data, extra=()):
+    command = [sys.executable, str(ROOT / "train.py"), "--data_url", str(data), "--train_url", str(out),
+               "--epochs", "500"] + SHORT + list(extra)
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = out / "train.log"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (log.exists() and "epoch: 1 step: 2," in log.read_text()):
+        if process.poll() is not None:
+            raise AssertionError(process.communicate()[1][-3000:])
+        time.sleep(0.3)
+    return process
+
+
+@pytest.mark.slow
+def test_a_second_run_into_the_same_folder_is_refused_while_the_first_runs(tiny_data, tmp_path, capsys):
+    out = tmp_path / "out"
+    first = start_training(out, tiny_data[0])
+    try:
+        args = ["--data_url", str(tiny_data[0]), "--train_url", str(out), "--resume", "auto"] + SHORT
+        assert run_main(train.main, args) == 2
+        line = one_error_line(capsys)
+        assert "in use by another training run" in line and f"pid {first.pid}" in line, line
+    finally:
+        first.kill()
+        first.communicate(timeout=60)
+    assert "in use" not in (out / "train.log").read_text()  # the refused run wrote nothing into its log
+
+
+@pytest.mark.slow
+def test_a_kill_during_a_save_leaves_no_temporary_file_behind(tiny_data, tmp_path, capsys):
+    """What a killed save leaves (MindSpore's `.tmp` and our `.tmp-<pid>-...ckpt`) is removed by the
+    next run in that folder; a full disk is one error line and leaves no temporary file."""
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in (".tmp-4242-ArcFace-1_8.tmp", ".tmp-4242-ArcFace-1_8.ckpt"):
+        (out / name).write_bytes(b"\0" * 100_000)
+    args = ["--data_url", str(tiny_data[0]), "--train_url", str(out), "--epochs", "1", "--max_steps", "2"] + SHORT
+    assert train.main(args) == 0
+    assert not list(out.glob(".tmp-*"))
+    assert "left by an interrupted save" in (out / "train.log").read_text()
+
+
+def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    import mindspore as ms
+    net = ms.nn.Dense(3, 2)
+    good = tmp_path / "ArcFace-1_1.ckpt"
+    save_checkpoint_atomic(net, str(good))
+    before = good.read_bytes()
+    real_save = ms.save_checkpoint
+
+    def disk_fills_up(cell, path, **kwargs):
+        real_save(cell, path, **kwargs)  # MindSpore wrote its temporary file, then the disk is full
+        with open(path[:-5] + ".tmp", "wb") as fh:
+            fh.write(b"partial")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(ms, "save_checkpoint", disk_fills_up)
+    with pytest.raises(ArcFaceError, match=r"cannot write .*ArcFace-1_2\.ckpt: No space left on device; the earlier"):
+        save_checkpoint_atomic(net, str(tmp_path / "ArcFace-1_2.ckpt"))
+    assert sorted(os.listdir(tmp_path)) == ["ArcFace-1_1.ckpt"] and good.read_bytes() == before
+
+
+@pytest.mark.slow
+def test_a_write_limit_in_a_real_run_is_one_error_line(tiny_data, tmp_path):
+    """The kernel refuses to write past a file-size limit (EFBIG), as a full disk refuses (ENOSPC)."""
+    out = tmp_path / "out"
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+    command = [sys.executable, str(ROOT / "train.py"), "--data_url", str(tiny_data[0]), "--train_url", str(out),
+               "--epochs", "1", "--max_steps", "2"] + SHORT
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, preexec_fn=limit)
+    assert done.returncode == 2, done.stderr[-3000:]
+    lines = done.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: cannot write") and "File too large" in lines[-1], done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    assert not list(out.glob(".tmp-*")) and not list_checkpoints(str(out))
+
+
+@pytest.mark.slow
+def test_a_truncated_newest_checkpoint_is_skipped_with_a_warning(trained_run, tiny_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    for name in ("ArcFace-3_8.ckpt", "ArcFace-4_8.ckpt"):
+        shutil.copy(trained_run / name, out)
+    with open(out / "ArcFace-4_8.ckpt", "r+b") as fh:  # power loss: the newest file lost its end
+        fh.truncate(os.path.getsize(out / "ArcFace-4_8.ckpt") // 3)
+    assert val.main(["--eval_url", str(tiny_data[1].parent), "--target", "demo", "--ckpt_url", str(out)]) == 0
+    assert "skipping an unreadable checkpoint" in capsys.readouterr().err
+    assert train.main(["--train_url", str(out), "--resume", "auto", "--epochs", "5", "--eval_url", ""]) == 0
+    log = (out / "train.log").read_text()
+    assert "skipping an unreadable checkpoint" in log and "resumed from" in log and "ArcFace-3_8.ckpt" in log
+    # The damaged file is set aside, not deleted, and not taken for the newest checkpoint any more.
+    assert (out / "ArcFace-4_8.ckpt.unusable").is_file() and (out / "ArcFace-5_8.ckpt").is_file()
+
+
+@pytest.mark.slow
+def test_a_half_written_metrics_line_does_not_stop_a_resumed_run(trained_run, tiny_data, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    shutil.copy(trained_run / "ArcFace-4_8.ckpt", out)
+    shutil.copy(trained_run / "metrics.jsonl", out)
+    with open(out / "metrics.jsonl", "a") as fh:
+        fh.write('{"epoch": 4, "step": 33, "eval": {"demo": 0.')  # killed in the middle of a line
+    assert train.main(["--train_url", str(out), "--resume", "auto", "--epochs", "5", "--eval_interval", "8"]) == 0
+    assert (out / "training_curve.png").stat().st_size > 10_000
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()[-3:]]
+    assert rows[-1]["step"] == 40
+
+
+# --- data -----------------------------------------------------------------------------------------
+
+def pipeline_shapes(path):
+    from src.data.pipeline import checked_iterator, create_train_dataset
+    from src.data.sources import open_source
+    dataset = create_train_dataset(open_source(str(path)), 2, num_workers=2, shuffle=False)
+    return [images.shape for images, _ in checked_iterator(dataset.create_tuple_iterator(num_epochs=1,
+                                                                                          output_numpy=True))]
+
+
+def test_images_of_other_sizes_are_resized_in_every_kind_of_source(tmp_path):
+    from src import mindrecord
+    sizes = [(112, 112), (100, 80), (150, 150), (112, 112)]
+    folder = tmp_path / "folder"
+    for i, size in enumerate(sizes):
+        (folder / str(i // 2)).mkdir(parents=True, exist_ok=True)
+        (folder / str(i // 2) / f"{i}.jpg").write_bytes(face(i, size))
+    write_face_dataset(str(tmp_path / "rec"), [(face(i, size), i // 2) for i, size in enumerate(sizes)])
+    assert mindrecord.main(["--input", str(tmp_path / "rec"), "--output", str(tmp_path / "mr"), "--skip_bad"]) == 0
+    for path in (folder, tmp_path / "rec"):
+        assert pipeline_shapes(path) == [(2, 3, 112, 112)] * 2, path
+
+
+@pytest.mark.parametrize("label,message", [
+    ([float("nan"), 5.0], "header record announces"), ([5.0, 3e9], "does not fit the index"),
+    ([40.0, 41.0], "does not fit the index"), ([1e30, 1e30], "does not fit the index"),
+])
+def test_a_corrupt_recordio_header_is_one_line(tmp_path, capsys, label, message):
+    path = tmp_path / "data"
+    path.mkdir()
+    with IndexedRecordWriter(path / "train.rec", path / "train.idx") as writer:
+        writer.write(0, pack_header(label))
+        for key in range(1, 5):
+            writer.write(key, pack_header(float(key % 2)) + face(key))
+    tick = time.time()
+    assert run_main(datainfo.main, [str(path), "--verify"]) == 2
+    assert message in one_error_line(capsys) and time.time() - tick < 30
+    assert run_main(train.main, ["--data_url", str(path), "--train_url", str(tmp_path / "out")] + SHORT) == 2
+    assert message in one_error_line(capsys)
+
+
+def test_an_image_only_the_decoder_rejects_is_named_and_nothing_lands_in_the_current_folder(tmp_path, monkeypatch):
+    """Passes the format check (JPEG start and end markers) but cannot be decoded."""
+    from src.data.pipeline import checked_iterator, create_train_dataset
+    from src.data.sources import open_source
+    bad = b"\xff\xd8\xff\xe0" + bytes(np.random.default_rng(0).integers(0, 256, 3000, dtype=np.uint8)) + b"\xff\xd9"
+    samples = [(face(i), i // 2) for i in range(4)]
+    samples[2] = (bad, 1)
+    write_face_dataset(str(tmp_path / "rec"), samples)
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    dataset = create_train_dataset(open_source(str(tmp_path / "rec")), 2, num_workers=1, shuffle=False)
+    with pytest.raises(ArcFaceError, match=r"train\.rec: key 3 at offset \d+: cannot be decoded"):
+        list(checked_iterator(dataset.create_tuple_iterator(num_epochs=1)))
+    assert not list(work.iterdir())
+
+
+def test_a_huge_declared_image_in_a_bin_is_refused_without_the_memory(tmp_path):
+    images = [face(i) for i in range(19)] + [png(16000, 16000)]
+    save_bin(tmp_path / "big.bin", images, [True] * 10)
+    # VmHWM, not ru_maxrss: the latter survives exec and would report the pytest parent's size.
+    code = (f"import sys; sys.path.insert(0, {str(ROOT)!r})\n"
+            "from src.data.bins import load_bin\nfrom src.errors import ArcFaceError\n"
+            f"try:\n    load_bin({str(tmp_path / 'big.bin')!r})\nexcept ArcFaceError as exc:\n    print(exc)\n"
+            "print([int(v.split()[1]) // 1024 for v in open('/proc/self/status') if v.startswith('VmHWM')][0])")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    message, peak_mb = done.stdout.strip().splitlines()
+    assert "image 19 could not be decoded" in message and int(peak_mb) < 600, done.stdout
+
+
+def test_a_property_declaring_billions_of_classes_is_reported(tmp_path, capsys):
+    write_face_dataset(str(tmp_path / "rec"), [(face(i), i // 2) for i in range(8)])
+    (tmp_path / "rec" / "property").write_text("2000000000,112,112\n")
+    assert datainfo.main([str(tmp_path / "rec")]) == 1
+    assert "declares 2000000000 classes but the labels use only 0..3" in capsys.readouterr().out
+    assert run_main(train.main, ["--data_url", str(tmp_path / "rec"), "--train_url", str(tmp_path / "out")]
+                    + SHORT) == 2
+    assert "declares 2000000000 classes" in one_error_line(capsys)
+
+
+def test_a_control_character_in_a_class_folder_name_is_refused(tmp_path, capsys):
+    for name in ("alice", "bob\nsmith"):
+        (tmp_path / "in" / name).mkdir(parents=True)
+        (tmp_path / "in" / name / "a.jpg").write_bytes(face(len(name)))
+    assert run_main(pack_rec.main, ["--input", str(tmp_path / "in"), "--output", str(tmp_path / "out")]) == 2
+    assert "'bob\\nsmith'" in one_error_line(capsys)
+    assert not (tmp_path / "out" / "classes.txt").exists()
+
+
+# --- evaluation and deployment files --------------------------------------------------------------
+
+def test_preprocess_refuses_a_bin_without_pairs(tmp_path, capsys):
+    save_bin(tmp_path / "none.bin", [], [])
+    assert run_main(preprocess.main, ["--dataset_path", str(tmp_path / "none.bin"), "--result_dir",
+                                      str(tmp_path / "r"), "--label_dir", str(tmp_path / "l")]) == 2
+    assert "no pairs" in one_error_line(capsys)
+
+
+@pytest.mark.parametrize("case", ["bad_json", "empty_dict", "batch_zero", "wrong_types", "pickled_issame",
+                                  "issame_2d", "issame_floats"])
+def test_postprocess_on_damaged_label_files(case, tmp_path, capsys):
+    labels, results = tmp_path / "labels", tmp_path / "results"
+    labels.mkdir()
+    results.mkdir()
+    meta = {"images": 4, "batch_size": 2}
+    issame = np.array([True, False])
+    if case == "bad_json":
+        (labels / "demo_meta.json").write_text('{"images": 4, "batch')
+    else:
+        meta = {"empty_dict": {}, "batch_zero": {"images": 4, "batch_size": 0},
+                "wrong_types": {"images": "4", "batch_size": [2]}}.get(case, meta)
+        (labels / "demo_meta.json").write_text(json.dumps(meta))
+    if case == "pickled_issame":
+        np.save(labels / "demo_issame_list.npy", np.array([{"a": 1}, None], dtype=object), allow_pickle=True)
+    elif case == "issame_2d":
+        np.save(labels / "demo_issame_list.npy", np.ones((2, 2), bool))
+    elif case == "issame_floats":
+        np.save(labels / "demo_issame_list.npy", np.array([0.5, 1.0]))
+    else:
+        np.save(labels / "demo_issame_list.npy", issame)
+    for stem in ("demo_00000", "demo_00001", "demo_flip_00000", "demo_flip_00001"):
+        np.zeros((2, 8), np.float32).tofile(results / f"{stem}_0.bin")
+    assert run_main(postprocess.main, ["--result_dir", str(results), "--label_dir", str(labels),
+                                       "--data_set", "demo"]) == 2
+    assert "demo_" in one_error_line(capsys)
+
+
+def test_ijb_image_names_outside_loose_crop_are_refused(tmp_path):
+    from test_ijb import _write_release
+
+    from src.evaluation.ijb import load_meta
+    _write_release(str(tmp_path), "IJBC", 6, 20, seed=1)
+    meta = tmp_path / "IJB_release" / "IJBC" / "meta"
+    for path in (meta / "ijbc_face_tid_mid.txt", meta / "ijbc_name_5pts_score.txt"):
+        lines = path.read_text().splitlines()
+        lines[0] = "../../secret.jpg" + lines[0][lines[0].index(" "):]
+        path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ArcFaceError, match=r"image name '\.\./\.\./secret\.jpg' points outside loose_crop/"):
+        load_meta(str(tmp_path / "IJB_release" / "IJBC"), "IJBC")
+
+
+def test_the_merge_tool_refuses_an_output_without_the_ckpt_suffix(tmp_path, capsys):
+    from src import partial_fc
+    assert run_main(partial_fc.main, ["--merge", str(tmp_path / "ArcFace-1_1.ckpt"), "--output",
+                                      str(tmp_path / "merged")]) == 2
+    assert "must end with .ckpt" in one_error_line(capsys)
+    assert not list(tmp_path.iterdir())
+
+
+# --- launchers and ModelArts ----------------------------------------------------------------------
+
+def test_the_demo_never_deletes_a_folder_it_did_not_make(tmp_path):
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "thesis.tex").write_text("years of work")
+    env = dict(os.environ, DEMO_OUT=str(precious), DEMO_DATA=str(tmp_path / "no_data"), PYTHON="false")
+    done = subprocess.run(["bash", str(ROOT / "scripts" / "run_demo.sh")], env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 2 and "was not made by the demo" in done.stderr
+    assert (precious / "thesis.tex").read_text() == "years of work"
+
+
+def test_modelarts_copies_the_data_once_per_node_and_every_rank_pushes_its_shards(tmp_path, monkeypatch):
+    import threading
+    import types
+
+    from src.training import modelarts
+    calls = []
+
+    def copy_parallel(src, dst):
+        calls.append((src, dst))
+        time.sleep(0.2)  # the other ranks arrive while the copy is under way
+        shutil.copytree(src, dst, dirs_exist_ok=True)
+    fake = types.SimpleNamespace(file=types.SimpleNamespace(copy_parallel=copy_parallel, copy=shutil.copy))
+    monkeypatch.setitem(sys.modules, "moxing", fake)
+    (tmp_path / "obs" / "data").mkdir(parents=True)
+    (tmp_path / "obs" / "data" / "train.rec").write_bytes(b"records")
+    ranks = [threading.Thread(target=modelarts.fetch_once, args=(str(tmp_path / "obs" / "data"),
+                                                                   str(tmp_path / "cache" / "data")))
+             for _ in range(4)]
+    for rank in ranks:
+        rank.start()
+    for rank in ranks:
+        rank.join()
+    assert len(calls) == 1 and (tmp_path / "cache" / "data" / "train.rec").read_bytes() == b"records"
+    out = tmp_path / "cache" / "output"
+    out.mkdir()
+    for name in ("ArcFace-1_8.ckpt", "ArcFace-1_8.head-r0of2.ckpt", "ArcFace-1_8.head-r1of2.ckpt", "train.log"):
+        (out / name).write_text(name)
+    (tmp_path / "obs" / "out").mkdir()
+    modelarts.push_results(str(out), str(tmp_path / "obs" / "out"), rank=1, world_size=2)
+    assert sorted(p.name for p in (tmp_path / "obs" / "out").iterdir()) == ["ArcFace-1_8.head-r1of2.ckpt"]
+    modelarts.push_results(str(out), str(tmp_path / "obs" / "out"), rank=0, world_size=2)
+    assert len(list((tmp_path / "obs" / "out").iterdir())) == 4
+
+
+def test_recorded_config_is_a_valid_config_file(tmp_path):
+    from src.config import TrainConfig, parse_train_args, record_text
+    (tmp_path / "config.yaml").write_text(record_text(TrainConfig(network="r50", lr=0.2), ["a comment"]))
+    cfg, given = parse_train_args(["--config", str(tmp_path / "config.yaml")])
+    assert cfg.network == "r50" and cfg.lr == 0.2 and "epochs" in given
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["schedule"] == [10, 16, 21]
