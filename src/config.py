@@ -58,6 +58,14 @@ class TrainConfig:
                                     "cos(m1*t+m2)-m3", fixed=True)
     scale: float = option(64.0, "logit scale s", fixed=True, above=0.0)
     num_classes: int = option(0, "identities; 0 reads the dataset's own count", fixed=True, low=0)
+    margin_grad: str = option("exact", "exact: differentiate through arccos and the margin (model zoo); straight: "
+                                       "the margin as a constant shift of the target logit (insightface "
+                                       "arcface_torch)", choices=("exact", "straight"))
+    interclass_filtering_threshold: float = option(0.0, "zero non-target cosines above this value in rows holding "
+                                                        "their target, for data with conflicting labels (0: off)",
+                                                   low=0.0, high=1.0)
+    init: str = option("zoo", "initialisation: zoo (He normal convolutions, N(0, 0.01) fc) or torch (arcface_torch: "
+                              "N(0, 0.1) convolutions, PyTorch's default Linear)", choices=("zoo", "torch"))
     partial_fc: bool = option(False, "kept for old commands and configs, no effect: the head's class centres are "
                                      "always sharded over the ranks (see --sample_rate)")
     sample_rate: float = option(1.0, "share of each rank's class centres used per step (all classes of the batch "
@@ -67,11 +75,21 @@ class TrainConfig:
     batch_size: int = option(64, "batch size per device", low=1)
     lr: float = option(0.08, "base learning rate for a global batch of 512 (scaled by batch_size*devices/512)",
                        above=0.0)
+    lr_schedule: str = option("step", "step (decay by --gamma at --schedule epochs), poly (linear to 0 over the run, "
+                                      "arcface_torch) or cosine; all after --warmup_epochs, stepped every iteration",
+                              choices=("step", "poly", "cosine"))
     schedule: list[int] = option([10, 16, 21], "epochs at which lr is multiplied by --gamma", low=0)
     gamma: float = option(0.1, "lr decay factor at each --schedule epoch", above=0.0)
     warmup_epochs: float = option(0.0, "linear lr warm-up length in epochs", low=0.0)
+    optimizer: str = option("sgd", "sgd (with --momentum) or adamw (decoupled weight decay, betas 0.9/0.999)",
+                            fixed=True, choices=("sgd", "adamw"))
     momentum: float = option(0.9, "SGD momentum", low=0.0, high=1.0)
-    weight_decay: float = option(1e-4, "weight decay (not applied to BatchNorm)", low=0.0)
+    weight_decay: float = option(1e-4, "weight decay", low=0.0)
+    weight_decay_bn: bool = option(False, "apply the weight decay to BatchNorm's gamma/beta too (arcface_torch)")
+    clip_grad_norm: float = option(0.0, "clip the backbone's gradient to this global norm, after unscaling (0: off; "
+                                        "arcface_torch: 5)", low=0.0)
+    gradient_acc: int = option(1, "micro-batches per optimizer step (gradients summed over them, as arcface_torch)",
+                               low=1)
     amp: str = option("auto", "auto (fp16 backbone on GPU/Ascend, fp32 on CPU), O0 (fp32) or O2 (fp16 backbone with "
                               "dynamic loss scaling)", choices=("auto", "O0", "O2"))
     seed: int = option(1024, "random seed", low=0)

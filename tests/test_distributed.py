@@ -84,3 +84,104 @@ def test_train_py_under_msrun_shards_data_and_only_rank0_writes(tiny_data, tmp_p
     assert sorted(p.name for p in out.glob("ArcFace-*.ckpt")) == [
         "ArcFace-1_8.ckpt", "ArcFace-1_8.head-r0of2.ckpt", "ArcFace-1_8.head-r1of2.ckpt"]
     assert logs.count("saved checkpoint") == 1  # rank 1 logs nothing of its own
+
+
+@pytest.fixture
+def two_hosts():
+    """Two network namespaces joined by a veth pair: two "nodes" with their own addresses on this
+    machine, so that msrun starts its scheduler on node 0 only, as on a real cluster."""
+    tag = f"af{os.getpid() % 100000}"
+    hosts = [f"{tag}a", f"{tag}b"]
+    commands = [["ip", "netns", "add", hosts[0]], ["ip", "netns", "add", hosts[1]],
+                ["ip", "link", "add", f"{tag}0", "type", "veth", "peer", "name", f"{tag}1"],
+                ["ip", "link", "set", f"{tag}0", "netns", hosts[0]],
+                ["ip", "link", "set", f"{tag}1", "netns", hosts[1]],
+                ["ip", "-n", hosts[0], "addr", "add", "10.251.0.1/24", "dev", f"{tag}0"],
+                ["ip", "-n", hosts[1], "addr", "add", "10.251.0.2/24", "dev", f"{tag}1"]]
+    for host, dev in zip(hosts, (f"{tag}0", f"{tag}1")):
+        commands += [["ip", "-n", host, "link", "set", dev, "up"], ["ip", "-n", host, "link", "set", "lo", "up"]]
+    try:
+        for command in commands:
+            done = subprocess.run(command, capture_output=True, text=True)
+            if done.returncode != 0:
+                pytest.skip(f"cannot make network namespaces here ({' '.join(command)}: {done.stderr.strip()})")
+        yield hosts
+    finally:
+        for host in hosts:
+            subprocess.run(["ip", "netns", "del", host], capture_output=True)
+
+
+def launch_node(host, node_rank, nodes, port, data, out, extra=(), epochs=1):
+    """scripts/run_distribute_train_cpu.sh on `host` as node `node_rank` of `nodes`, one worker each."""
+    env = dict(os.environ, NODES=str(nodes), NODE_RANK=str(node_rank), MASTER_ADDR="10.251.0.1",
+               MASTER_PORT=str(port), OUT=str(out), PYTHON=sys.executable, CLUSTER_TIME_OUT="120",
+               CONFIG=str(ROOT / "configs" / "demo.yaml"))
+    command = ["ip", "netns", "exec", host, "bash", str(ROOT / "scripts" / "run_distribute_train_cpu.sh"), str(data),
+               "1", "--network", "r18", "--width", "8", "--batch_size", "4", "--epochs", str(epochs), "--num_workers",
+               "1", "--log_interval", "1", "--lr", "0.4"] + list(extra)
+    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def test_two_nodes_train_to_a_checkpoint(two_hosts, tiny_data, tmp_path):
+    """Two launcher invocations as two nodes of one worker each (RANK_SIZE=1, NODES=2, NODE_RANK=0/1)."""
+    out, port = tmp_path / "out", free_port()
+    nodes = [launch_node(host, rank, 2, port, tiny_data[0], out) for rank, host in enumerate(two_hosts)]
+    outputs = [node.communicate(timeout=420)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], "\n".join(o[-3000:] for o in outputs)
+    assert "node 1 of 2, 1 x CPU here, 2 workers in all" in outputs[1]
+    log = (out / "train.log").read_text()
+    assert "2 x CPU" in log and "8 steps/epoch" in log  # 64 images / (2 workers x 4)
+    # global rank 0 writes the checkpoint, every rank its head shard
+    assert sorted(p.name for p in out.glob("ArcFace-*.ckpt")) == [
+        "ArcFace-1_8.ckpt", "ArcFace-1_8.head-r0of2.ckpt", "ArcFace-1_8.head-r1of2.ckpt"]
+
+
+def worker_pid(out, rank):
+    """The training process of global rank `rank` writing into `out`."""
+    for pid in os.listdir("/proc"):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            continue
+        if str(out).encode() in cmdline and f"RANK_ID={rank}".encode() in environ \
+                and b"MS_ROLE=MS_WORKER" in environ:
+            return int(pid)
+    return None
+
+
+def test_a_dead_rank_ends_the_job_and_resume_auto_continues(two_hosts, tiny_data, tmp_path):
+    """Node 1's worker is killed mid-run: node 0's worker must not wait in a collective forever; it
+    stops within the cluster time-out with a clear line, and --resume auto (here on one process)
+    continues from the newest checkpoint whose head shards are complete."""
+    import signal
+    import time
+    out, port = tmp_path / "out", free_port()
+    nodes = [launch_node(host, rank, 2, port, tiny_data[0], out, ["--save_interval", "4"], epochs=200)
+             for rank, host in enumerate(two_hosts)]
+    try:
+        log = out / "train.log"
+        deadline = time.time() + 300
+        while time.time() < deadline and not (log.exists() and "epoch: 2 step: 2," in log.read_text()):
+            time.sleep(0.5)
+        victim = worker_pid(out, 1)
+        assert victim, log.read_text()[-2000:] if log.exists() else "no log"
+        os.kill(victim, signal.SIGKILL)
+        killed = time.time()
+        nodes[0].communicate(timeout=240)
+        stopped_after = time.time() - killed
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                os.killpg(node.pid, signal.SIGKILL)
+            node.communicate()
+    assert nodes[0].returncode != 0 and stopped_after < 200, stopped_after
+    worker0 = (out / "worker_0.log").read_text(errors="replace")
+    assert "another rank or node has stopped" in worker0 or "another rank stopped answering" in worker0, worker0[-3000:]
+    resumed = subprocess.run([sys.executable, str(ROOT / "train.py"), "--train_url", str(out), "--resume", "auto",
+                              "--epochs", "3", "--data_url", str(tiny_data[0])], cwd=ROOT, capture_output=True,
+                             text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    text = (out / "train.log").read_text()
+    assert "resumed from" in text and "nothing to do" not in text

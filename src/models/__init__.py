@@ -1,4 +1,4 @@
-"""Face-embedding backbones: IResNet-18/34/50/100/200 and MobileFaceNet, built by name.
+"""Face-embedding backbones: IResNet-18/34/50/100/200, MobileFaceNet and the insightface ViTs, built by name.
 
 All take 112x112 RGB crops as float32 NCHW tensors normalised to [-1, 1] and return unnormalised
 float32 embeddings of size `num_features`. Names are checked here without importing MindSpore.
@@ -9,15 +9,25 @@ import re
 from src.errors import ArcFaceError
 
 IRESNETS = ("r18", "r34", "r50", "r100", "r200")
-BACKBONES = IRESNETS + ("mbf",)
+# insightface arcface_torch names, spelled as there (their underscores are inconsistent).
+VITS = ("vit_t", "vit_t_dp005_mask0", "vit_s", "vit_s_dp005_mask_0", "vit_b", "vit_b_dp005_mask_005",
+        "vit_l_dp005_mask_005", "vit_h")
+# Published embedding dimension of each ViT; `width` scales it (64 = published). All have 8 heads.
+VIT_EMBED_DIMS = {"vit_t": 256, "vit_t_dp005_mask0": 256, "vit_s": 512, "vit_s_dp005_mask_0": 512,
+                  "vit_b": 512, "vit_b_dp005_mask_005": 512, "vit_l_dp005_mask_005": 768, "vit_h": 1024}
+VIT_HEADS = 8
+BACKBONES = IRESNETS + ("mbf",) + VITS
 
 _ALIASES = {"mobilefacenet": "mbf"}
 
 
 def canonical_name(name):
-    """Map a backbone name or alias ('R50', 'iresnet50', 'mobilefacenet') to its short name."""
+    """Map a backbone name or alias ('R50', 'iresnet50', 'mobilefacenet', 'ViT_T') to its short name."""
     if not isinstance(name, str):
         raise ArcFaceError(f"backbone name must be a string, got {name!r}; valid names: {', '.join(BACKBONES)}")
+    vit_key = name.strip().lower().replace("-", "_")
+    if vit_key in VITS:  # their underscores carry meaning, so they are matched as written
+        return vit_key
     key = name.strip().lower().replace("-", "").replace("_", "")
     key = _ALIASES.get(key, key)
     match = re.fullmatch(r"(?:iresnet|r)(\d+)", key)
@@ -25,7 +35,7 @@ def canonical_name(name):
         key = f"r{int(match.group(1))}"
     if key not in BACKBONES:
         raise ArcFaceError(f"unknown backbone {name!r}; valid names: {', '.join(BACKBONES)} "
-                           "(aliases: iresnet18 ... iresnet200, mobilefacenet)")
+                           "(aliases: iresnet18 ... iresnet200, mobilefacenet; ViT names as written)")
     return key
 
 
@@ -42,10 +52,16 @@ def check_backbone_options(name, num_features=512, dropout=0.0, width=64):
         raise ArcFaceError(f"dropout must be in [0, 1), got {dropout}")
     if isinstance(width, bool) or not isinstance(width, int) or width < 1:
         raise ArcFaceError(f"width must be a positive integer, got {width!r}")
-    if key == "mbf" and dropout > 0:
-        raise ArcFaceError("dropout is only supported by the IResNet backbones, not 'mbf'")
+    if key not in IRESNETS and dropout > 0:
+        raise ArcFaceError(f"dropout is only supported by the IResNet backbones, not {key!r}")
     if key == "mbf" and width != 64:
-        raise ArcFaceError("width is only supported by the IResNet backbones, not 'mbf'")
+        raise ArcFaceError("width is only supported by the IResNet and ViT backbones, not 'mbf'")
+    if key in VITS:
+        embed_dim = VIT_EMBED_DIMS[key] * width // 64
+        if embed_dim < VIT_HEADS or embed_dim % VIT_HEADS:
+            raise ArcFaceError(f"width {width} gives {key!r} an embedding dimension of {embed_dim} "
+                               f"({VIT_EMBED_DIMS[key]} * {width} // 64), which must be a positive multiple of "
+                               f"its {VIT_HEADS} attention heads")
     return key
 
 
@@ -56,13 +72,30 @@ def get_backbone(name, num_features=512, dropout=0.0, fp16=False, width=64):
         name: one of ``BACKBONES`` (case-insensitive; 'iresnet50' style aliases accepted).
         num_features: embedding size.
         dropout: dropout probability before the embedding layer (IResNet only).
-        fp16: run the convolutional body in float16 (BatchNorm stays float32); the returned
-            embedding is always float32.
-        width: IResNet channels of the first stage (64 in the published networks).
+        fp16: run the convolutional body in float16 (BatchNorm stays float32); for a ViT, its
+            convolution and Linear layers (norms, attention scores and the head stay float32); the
+            returned embedding is always float32.
+        width: IResNet channels of the first stage (64 in the published networks); for a ViT, the
+            embedding dimension is the published one * width // 64.
     """
     key = check_backbone_options(name, num_features, dropout, width)
     if key == "mbf":
         from src.models.mobilefacenet import mobilefacenet
         return mobilefacenet(num_features=num_features, fp16=bool(fp16))
+    if key in VITS:
+        from src.models.vit import vit
+        return vit(key, num_features=num_features, fp16=bool(fp16), width=width)
     from src.models.iresnet import iresnet
     return iresnet(key, num_features=num_features, dropout=float(dropout), fp16=bool(fp16), width=width)
+
+
+def apply_init(backbone, name, scheme, seed=0):
+    """`scheme` 'zoo' keeps the initialisation the backbone was built with; 'torch' re-initialises as
+    insightface arcface_torch does. Only the IResNets differ: arcface_torch's MobileFaceNet (He normal,
+    fan_out) and ViTs (truncated normal) initialise as ours already do."""
+    if scheme not in ("zoo", "torch"):
+        raise ArcFaceError(f"init must be zoo or torch, not {scheme!r}")
+    if scheme == "torch" and canonical_name(name) in IRESNETS:
+        from src.models.iresnet import torch_style_init
+        torch_style_init(backbone, seed)
+    return backbone

@@ -176,3 +176,21 @@ def iresnet(name: str, num_features: int = 512, dropout: float = 0.0,
     published network; narrower ones train much faster for experiments and the demo."""
     return IResNet(IRESNET_LAYERS[name], num_features=num_features, dropout=dropout, fp16=fp16,
                    width=width)
+
+
+def torch_style_init(net: IResNet, seed: int = 0) -> None:
+    """Re-initialise as insightface arcface_torch does: every convolution N(0, 0.1), the embedding
+    Dense with PyTorch's default Linear init (weight and bias U(-1/sqrt(fan_in), 1/sqrt(fan_in))).
+    BatchNorm (1, 0) and PReLU (0.25) start the same in both schemes. With BatchNorm after every
+    convolution this changes the effective early learning rate, not the function."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    for _, cell in net.cells_and_names():
+        if isinstance(cell, nn.Conv2d):
+            cell.weight.set_data(ms.Tensor(rng.normal(0.0, 0.1, cell.weight.shape).astype(np.float32)))
+        elif isinstance(cell, nn.Dense):
+            bound = 1.0 / np.sqrt(cell.in_channels)
+            cell.weight.set_data(ms.Tensor(rng.uniform(-bound, bound, cell.weight.shape).astype(np.float32)))
+            if cell.has_bias:
+                cell.bias.set_data(ms.Tensor(rng.uniform(-bound, bound, cell.bias.shape).astype(np.float32)))

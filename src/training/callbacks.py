@@ -55,6 +55,22 @@ class Callback:
         """`s` is the last SyncState, or None when training stopped on an error."""
 
 
+class _StdoutHandler(logging.StreamHandler):
+    """Writes to whatever sys.stdout is when a line is logged (it may be replaced, e.g. by a test's
+    capture, after the handler was made)."""
+
+    def __init__(self):
+        super().__init__(sys.stdout)
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def setup_logging(log_dir=None, main=True):
     """Plain lines on stdout (like the model zoo); the same with timestamps in log_dir/train.log."""
     logger.setLevel(logging.INFO if main else logging.WARNING)
@@ -62,7 +78,7 @@ def setup_logging(log_dir=None, main=True):
         handler.close()
     logger.handlers.clear()
     logger.propagate = False
-    console = logging.StreamHandler(sys.stdout)
+    console = _StdoutHandler()
     console.setFormatter(logging.Formatter("%(message)s"))
     logger.addHandler(console)
     if log_dir and main:

@@ -44,6 +44,40 @@ def _sum_over_ranks_tensor(all_reduce, replicated, grad):
     return all_reduce(grad) if replicated else grad
 
 
+_squared_norm = ops.MultitypeFuncGraph("_squared_norm")
+
+
+@_squared_norm.register("Bool", "Tensor")
+def _squared_norm_tensor(counted, grad):
+    return ops.sum(ops.square(ops.cast(grad, ms.float32))) if counted else ops.zeros((), ms.float32)
+
+
+_scale_where = ops.MultitypeFuncGraph("_scale_where")
+
+
+@_scale_where.register("Tensor", "Bool", "Tensor")
+def _scale_where_tensor(factor, scaled, grad):
+    return grad * ops.cast(factor, grad.dtype) if scaled else grad
+
+
+_accumulate = ops.MultitypeFuncGraph("_accumulate")
+
+
+@_accumulate.register("Tensor", "Tensor")
+def _accumulate_tensor(total, grad):
+    return ops.assign_add(total, ops.cast(grad, total.dtype))
+
+
+_take_mean = ops.MultitypeFuncGraph("_take_mean")
+
+
+@_take_mean.register("Number", "Tensor")
+def _take_mean_tensor(count, total):
+    """The mean of the accumulated gradients; the buffer is emptied for the next window."""
+    mean = total / count
+    return ops.depend(mean, ops.assign(total, ops.zeros_like(total)))
+
+
 _unscale = ops.MultitypeFuncGraph("_unscale")
 
 
@@ -80,11 +114,15 @@ class Gradients(nn.Cell):
 
 
 class TrainStep(nn.Cell):
-    """One optimizer step of `network` (a BackboneWithHead). `fp16` adds dynamic loss scaling.
+    """One optimizer step of `network` (a BackboneWithHead). `fp16` adds dynamic loss scaling;
+    `clip_norm` > 0 clips the backbone's gradient to that global norm (after unscaling, before the
+    update; the head is not clipped, as in arcface_torch); `accumulate` = k applies the mean gradient
+    of k micro-batches every k-th call (a non-finite micro-batch adds nothing to it).
     Parameter names are the network's and the optimizer's (auto_prefix off, as nn.TrainOneStepCell),
     so checkpoints hold `backbone.*`, `head.weight`, `accum.*`, `global_step`, `scale_sense`."""
 
-    def __init__(self, network, optimizer, fp16=False, loss_scale=LOSS_SCALE_INIT, scale_window=LOSS_SCALE_WINDOW):
+    def __init__(self, network, optimizer, fp16=False, clip_norm=0.0, accumulate=1, loss_scale=LOSS_SCALE_INIT,
+                 scale_window=LOSS_SCALE_WINDOW):
         super().__init__(auto_prefix=False)
         self.network = network
         self.network.set_grad()
@@ -108,7 +146,25 @@ class TrainStep(nn.Cell):
             # fp16 starts from the initial scale.
             self.scale_manager = None
             self.scale_sense = Tensor(1.0, ms.float32)
+        self.clip_norm = float(clip_norm)
+        self.backbone_flags = self.gradients.replicated  # the head's gradient is not clipped
+        self.accumulate = int(accumulate)
+        if self.accumulate > 1:
+            self.accumulated = self.weights.clone(prefix="grad_acc", init="zeros")
+            self.micro_step = Parameter(Tensor(0, ms.int32), name="micro_step")
         self.one = Tensor([1], ms.int32)
+
+    def clip(self, grads):
+        """torch.nn.utils.clip_grad_norm_ on the backbone's gradients: scaled by max_norm / (norm + 1e-6)
+        when that is below 1."""
+        norm = ops.sqrt(ops.addn(self.hyper_map(_squared_norm, self.backbone_flags, grads)))
+        factor = ops.minimum(self.clip_norm / (norm + 1e-6), 1.0)
+        return self.hyper_map(ops.partial(_scale_where, factor), self.backbone_flags, grads)
+
+    def apply(self, grads):
+        if self.clip_norm > 0:
+            grads = self.clip(grads)
+        return self.optimizer(grads)
 
     def construct(self, images, labels):
         scale = self.scale_sense
@@ -117,7 +173,8 @@ class TrainStep(nn.Cell):
             grads = self.hyper_map(ops.partial(_unscale, scale), grads)
         # Non-finite moving statistics cannot recover (they average themselves): report such a step
         # with a NaN loss, which the trainer treats as divergence whatever the loss scale.
-        loss = ops.select(ms.amp.all_finite(self.statistics), loss, ops.full_like(loss, float("nan")))
+        if self.statistics:
+            loss = ops.select(ms.amp.all_finite(self.statistics), loss, ops.full_like(loss, float("nan")))
         finite = ops.logical_and(ms.amp.all_finite(grads), ops.isfinite(loss))
         bad = ops.cast(ops.logical_not(finite), ms.float32)
         if self.distributed:
@@ -125,8 +182,17 @@ class TrainStep(nn.Cell):
         overflow = bad > 0
         if self.loss_scaling:
             overflow = self.scale_manager(self.scale_sense, overflow)
-        if overflow:
+        if self.accumulate > 1:
+            if not overflow:
+                loss = ops.depend(loss, self.hyper_map(_accumulate, self.accumulated, grads))
+            count = ops.assign_add(self.micro_step, Tensor(1, ms.int32))
+            if count % self.accumulate == 0:
+                mean = self.hyper_map(ops.partial(_take_mean, float(self.accumulate)), self.accumulated)
+                loss = ops.depend(loss, self.apply(mean))
+            else:
+                loss = ops.depend(loss, ops.assign_add(self.optimizer.global_step, self.one))
+        elif overflow:
             loss = ops.depend(loss, ops.assign_add(self.optimizer.global_step, self.one))
         else:
-            loss = ops.depend(loss, self.optimizer(grads))
+            loss = ops.depend(loss, self.apply(grads))
         return loss, overflow, scale

@@ -26,7 +26,8 @@ from src.data.sources import open_source, resolve_num_classes
 from src.errors import ArcFaceError
 from src.heads.classifier import PartialFC
 from src.heads.margin import CombinedMargin
-from src.models import get_backbone
+from src.models import apply_init, get_backbone
+from src.models.flops import gmacs
 from src.training import modelarts
 from src.training.callbacks import (
     CheckpointSaver,
@@ -38,7 +39,7 @@ from src.training.callbacks import (
     setup_logging,
 )
 from src.training.lock import RunLock
-from src.training.lr_schedule import scaled_lr, step_lr
+from src.training.lr_schedule import learning_rates, scaled_lr
 from src.training.optim import build_optimizer
 from src.training.state import CheckpointWriter, initialise, latest_resumable, restore, set_aside
 from src.training.step import BackboneWithHead, TrainStep
@@ -164,13 +165,16 @@ def resolve_amp(cfg):
 def build_network(cfg, num_classes, fp16=False):
     """Backbone + the class-sharded head (rank and world size from the communication group)."""
     backbone = get_backbone(cfg.network, cfg.num_features, cfg.dropout, fp16=fp16, width=cfg.width)
-    margin = CombinedMargin(cfg.scale, *cfg.margins)
+    apply_init(backbone, cfg.network, cfg.init, cfg.seed)
+    margin = CombinedMargin(cfg.scale, *cfg.margins, gradient=cfg.margin_grad,
+                            interclass_filtering_threshold=cfg.interclass_filtering_threshold)
     head = PartialFC(num_classes, cfg.num_features, margin, sample_rate=cfg.sample_rate, seed=cfg.seed)
     return BackboneWithHead(backbone, head)
 
 
 def build_step(cfg, net, lr_per_step, fp16):
-    return TrainStep(net, build_optimizer(cfg, net, lr_per_step), fp16=fp16)
+    return TrainStep(net, build_optimizer(cfg, net, lr_per_step), fp16=fp16, clip_norm=cfg.clip_grad_norm,
+                     accumulate=cfg.gradient_acc)
 
 
 def restore_state(run, net, step):
@@ -184,6 +188,26 @@ def restore_state(run, net, step):
     if run.cfg.ckpt_url:
         initialise(net, run.cfg.ckpt_url)
     return 0
+
+
+def describe_run(run, source, steps_per_epoch, lr, fp16, macs):
+    """The first log line: what is trained on what, how, at which cost per image."""
+    cfg = run.cfg
+    width = f" width {cfg.width}" if cfg.width != 64 else ""
+    parts = [f"{cfg.network}{width} ({2 * macs:.2f} GFLOPs = {macs:.2f} G multiply-adds per image) {cfg.margin}"
+             + (" straight-through" if cfg.margin_grad == "straight" else ""),
+             f"{source.kind} {run.data_dir}: {len(source)} images, {cfg.num_classes} classes",
+             f"{run.rt.group_size} x {cfg.device_target}",
+             f"batch {cfg.batch_size} per device, {steps_per_epoch} steps/epoch",
+             f"{cfg.optimizer} lr {lr:g} {cfg.lr_schedule}", "fp16 backbone + loss scaling" if fp16 else "fp32",
+             f"{cfg.mode} mode"]
+    if cfg.sample_rate < 1:
+        parts.append(f"sampling {cfg.sample_rate:g} of the class centres")
+    if cfg.gradient_acc > 1:
+        parts.append(f"{cfg.gradient_acc} micro-batches per update")
+    if cfg.clip_grad_norm:
+        parts.append(f"gradient norm clipped at {cfg.clip_grad_norm:g}")
+    return " | ".join(parts)
 
 
 def build_callbacks(run, net, step):
@@ -233,7 +257,8 @@ def _train(run, given):
     fp16 = resolve_amp(cfg)
     net = build_network(cfg, cfg.num_classes, fp16=fp16)
     lr = scaled_lr(cfg.lr, cfg.batch_size, run.rt.group_size)
-    lr_per_step = step_lr(lr, steps_per_epoch, cfg.epochs, cfg.schedule, cfg.gamma, cfg.warmup_epochs)
+    lr_per_step = learning_rates(cfg.lr_schedule, lr, steps_per_epoch, cfg.epochs, cfg.schedule, cfg.gamma,
+                                 cfg.warmup_epochs)
     step = build_step(cfg, net, lr_per_step, fp16)
 
     start_step = restore_state(run, net, step)
@@ -243,11 +268,7 @@ def _train(run, given):
     if start_step:
         ms.dataset.config.set_seed(cfg.seed + start_step)  # a new shuffle instead of replaying the first run's order
 
-    logger.info(f"{cfg.network} {cfg.margin} | {source.kind} {run.data_dir}: {len(source)} images, "
-                f"{cfg.num_classes} classes | {run.rt.group_size} x {cfg.device_target} | batch {cfg.batch_size} "
-                f"per device, {steps_per_epoch} steps/epoch | lr {lr:g} | "
-                f"{'fp16 backbone + loss scaling' if fp16 else 'fp32'} | {cfg.mode} mode"
-                + (f" | sampling {cfg.sample_rate:g} of the class centres" if cfg.sample_rate < 1 else ""))
+    logger.info(describe_run(run, source, steps_per_epoch, lr, fp16, gmacs(net.backbone)))
     callbacks = build_callbacks(run, net, step)
     # A scheduler's SIGTERM is handled like Ctrl-C: the last completed step is saved.
     previous_handler = signal.signal(signal.SIGTERM, _raise_terminated)
@@ -319,9 +340,15 @@ def run_loop(train_step, dataset, lr_per_step, start_step, total_steps, steps_pe
     global_step, state = start_step, None
     if start_step == 0:
         logger.info("compiling the training graph (the first step takes longer)")
+    distributed = getattr(train_step, "distributed", False)
     try:
         for images, labels in iterator:
-            pending.add(global_step + 1, train_step(images, labels))
+            try:
+                pending.add(global_step + 1, train_step(images, labels))
+            except RuntimeError as exc:
+                if not distributed:
+                    raise
+                raise _rank_lost(exc, global_step + 1) from None
             global_step += 1
             for cb in callbacks:
                 cb.on_step(global_step)
@@ -342,22 +369,33 @@ def run_loop(train_step, dataset, lr_per_step, start_step, total_steps, steps_pe
         # Keep the work done so far: the parameters after the last completed step are consistent.
         # On several ranks a rank that died leaves its head shard of this save unwritten, and
         # --resume auto then takes the newest complete checkpoint.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second signal must not cut the save short
         why = ("stopped by SIGTERM (a job scheduler, the launcher, or MindSpore after another rank stopped "
                "answering)" if isinstance(stop, Terminated) else "interrupted")
-        if pending.results:
-            state = pending.read()
-        if state is None:
-            logger.warning(f"{why} before the first step ended: nothing to save")
-        else:
-            logger.warning(f"{why} at global step {state.global_step}: saving a checkpoint; continue with "
-                           f"--resume auto")
-            _finish(callbacks, state)
+        logger.warning(f"{why} after global step {global_step}: saving the last completed step; continue with "
+                       f"--resume auto")
+        try:
+            if pending.results:
+                state = pending.read()
+            if state is not None:
+                _finish(callbacks, state)
+        except Exception as exc:  # noqa: BLE001  e.g. a collective that failed with the dead rank
+            logger.warning(f"nothing saved: {type(exc).__name__}: {str(exc).strip().splitlines()[0]}")
         raise
     except ArcFaceError:
         _finish(callbacks, None)
         raise
     _finish(callbacks, state)
     return state
+
+
+def _rank_lost(exc, step):
+    """The error of a step whose collective operation failed: another rank or node stopped. MindSpore
+    then sends SIGTERM to end this rank too; it is ignored, so that this line is the last word."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    kernel = next((line.strip() for line in str(exc).splitlines() if "failed" in line), "a kernel failed")
+    return ArcFaceError(f"global step {step} failed on this rank ({kernel}): another rank or node has stopped "
+                        f"(see its log); training stopped without saving this step; continue with --resume auto")
 
 
 def _finish(callbacks, state):

@@ -1,0 +1,170 @@
+"""The arcface_torch recipe's pieces against formulas: AdamW (PyTorch's, bias-corrected), weight decay
+on BatchNorm, backbone gradient clipping (after unscaling, skipped-step safe), gradient accumulation,
+the torch initialisation, and the options reaching the network."""
+import numpy as np
+import pytest
+
+import mindspore as ms
+from mindspore import Tensor, nn
+
+from src.config import TrainConfig
+from src.heads.classifier import PartialFC
+from src.heads.margin import CombinedMargin
+from src.training.optim import AdamW, build_optimizer, parameter_groups
+from src.training.step import BackboneWithHead, TrainStep
+
+
+@pytest.fixture(autouse=True)
+def pynative():
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+
+
+def torch_adamw(param, grads, lrs, weight_decay, betas=(0.9, 0.999), eps=1e-8):
+    """PyTorch's AdamW update rule in float64."""
+    p, m, v = param.astype(np.float64), np.zeros(param.shape), np.zeros(param.shape)
+    for t, (g, lr) in enumerate(zip(grads, lrs), 1):
+        p = p * (1 - lr * weight_decay)
+        m = betas[0] * m + (1 - betas[0]) * g
+        v = betas[1] * v + (1 - betas[1]) * g * g
+        p = p - lr * (m / (1 - betas[0] ** t)) / (np.sqrt(v / (1 - betas[1] ** t)) + eps)
+    return p
+
+
+def test_adamw_is_pytorchs_with_decoupled_decay_and_bias_correction():
+    rng = np.random.default_rng(0)
+    net = nn.Dense(4, 3)
+    w0, b0 = net.weight.asnumpy().copy(), net.bias.asnumpy().copy()
+    lrs = np.array([0.1, 0.05, 0.02, 0.01, 0.0], np.float32)
+    optimizer = AdamW([{"params": [net.weight], "weight_decay": 0.1}, {"params": [net.bias], "weight_decay": 0.0}],
+                      Tensor(lrs))
+    grads_w = [rng.normal(size=(3, 4)) for _ in range(5)]
+    grads_b = [rng.normal(size=(3,)) for _ in range(5)]
+    for gw, gb in zip(grads_w, grads_b):
+        optimizer((Tensor(gw.astype(np.float32)), Tensor(gb.astype(np.float32))))
+    np.testing.assert_allclose(net.weight.asnumpy(), torch_adamw(w0, grads_w, lrs, 0.1), atol=5e-6)
+    np.testing.assert_allclose(net.bias.asnumpy(), torch_adamw(b0, grads_b, lrs, 0.0), atol=5e-6)
+    assert int(optimizer.global_step.asnumpy()[0]) == 5
+
+
+def test_weight_decay_on_batchnorm_only_when_asked():
+    net = nn.SequentialCell(nn.Dense(3, 4), nn.BatchNorm1d(4))
+    zoo = parameter_groups(net, 5e-4)
+    assert [len(g["params"]) for g in zoo] == [2, 2] and zoo[1]["weight_decay"] == 0.0
+    everything = parameter_groups(net, 5e-4, decay_batchnorm=True)
+    assert len(everything) == 1 and len(everything[0]["params"]) == 4 and everything[0]["weight_decay"] == 5e-4
+
+
+def tiny_step(clip=0.0, accumulate=1, fp16=False, lr=1.0):
+    """A Dense "backbone" + the head on one rank, SGD without momentum: an update is -lr * gradient."""
+    ms.set_seed(3)
+    net = BackboneWithHead(nn.Dense(6, 4), PartialFC(5, 4, CombinedMargin(8.0, 1.0, 0.5, 0.0), rank=0, world_size=1))
+    optimizer = nn.SGD(net.trainable_params(), learning_rate=Tensor(np.full(10, lr, np.float32)), momentum=0.0)
+    return net, TrainStep(net, optimizer, fp16=fp16, clip_norm=clip, accumulate=accumulate)
+
+
+def batch(seed):
+    rng = np.random.default_rng(seed)
+    return Tensor(rng.normal(size=(8, 6)).astype(np.float32) * 5), Tensor(rng.integers(0, 5, 8).astype(np.int32))
+
+
+def params_of(net):
+    return {p.name: p.asnumpy().copy() for p in net.trainable_params()}
+
+
+def gradients(step, images, labels):
+    _, grads = step.gradients(images, labels, Tensor(1.0, ms.float32))
+    return {w.name: g.asnumpy() for w, g in zip(step.weights, grads)}
+
+
+@pytest.mark.parametrize("fp16", [False, True])
+def test_clipping_scales_the_backbone_gradient_to_the_norm_and_leaves_the_head(fp16):
+    net, step = tiny_step(clip=0.01, fp16=fp16)
+    images, labels = batch(0)
+    grads = gradients(step, images, labels)
+    backbone = ["backbone.weight", "backbone.bias"]
+    norm = np.sqrt(sum((grads[n] ** 2).sum() for n in backbone))
+    assert norm > 0.01  # the clip is active
+    before = params_of(net)
+    loss, overflow, _ = step(images, labels)
+    assert not bool(overflow.asnumpy())
+    after = params_of(net)
+    for name in backbone:  # lr 1, no momentum: the update is the clipped gradient
+        np.testing.assert_allclose(before[name] - after[name], grads[name] * 0.01 / (norm + 1e-6), rtol=1e-3,
+                                   atol=1e-7)
+    np.testing.assert_allclose(before["head.weight"] - after["head.weight"], grads["head.weight"], rtol=1e-3,
+                               atol=1e-7)
+
+
+def test_a_non_finite_step_is_skipped_even_when_clipping():
+    net, step = tiny_step(clip=0.5)
+    images, labels = batch(0)
+    before = params_of(net)
+    bad = images.asnumpy()
+    bad[0, 0] = np.inf
+    loss, overflow, scale = step(Tensor(bad), labels)
+    assert bool(overflow.asnumpy()) and float(scale.asnumpy()) == 1.0
+    for name, value in params_of(net).items():
+        np.testing.assert_array_equal(value, before[name], err_msg=name)
+    assert int(step.optimizer.global_step.asnumpy()[0]) == 1  # the schedule still follows the iteration
+
+
+def test_accumulation_applies_the_mean_gradient_every_k_micro_batches():
+    net, step = tiny_step(accumulate=2, lr=1.0)
+    before = params_of(net)
+    (x1, y1), (x2, y2) = batch(1), batch(2)
+    g1 = gradients(step, x1, y1)
+    step(x1, y1)
+    unchanged = params_of(net)
+    for name in before:
+        np.testing.assert_array_equal(unchanged[name], before[name], err_msg=name)
+    g2 = gradients(step, x2, y2)
+    step(x2, y2)
+    after = params_of(net)
+    for name in before:
+        np.testing.assert_allclose(before[name] - after[name], (g1[name] + g2[name]) / 2, rtol=1e-4, atol=1e-7)
+    assert int(step.optimizer.global_step.asnumpy()[0]) == 2
+    assert not step.accumulated[0].asnumpy().any()  # emptied for the next window
+
+
+def test_accumulation_skips_a_non_finite_micro_batch():
+    net, step = tiny_step(accumulate=2, lr=1.0)
+    before = params_of(net)
+    x1, y1 = batch(1)
+    bad = x1.asnumpy()
+    bad[0, 0] = np.nan
+    step(Tensor(bad), y1)
+    x2, y2 = batch(2)
+    g2 = gradients(step, x2, y2)
+    step(x2, y2)
+    after = params_of(net)
+    for name in before:  # only the finite micro-batch contributes, still divided by the window
+        np.testing.assert_allclose(before[name] - after[name], g2[name] / 2, rtol=1e-4, atol=1e-7)
+
+
+def test_torch_initialisation_of_an_iresnet():
+    from src.models import apply_init, get_backbone
+    zoo = get_backbone("r18")
+    torch_like = apply_init(get_backbone("r18"), "r18", "torch", seed=1)
+    conv = torch_like.layer4[0].conv1.weight.asnumpy()  # 512 x 256 x 3 x 3
+    assert abs(conv.std() - 0.1) < 0.002 and abs(zoo.layer4[0].conv1.weight.asnumpy().std() - 0.1) > 0.05
+    fc = torch_like.fc.weight.asnumpy()
+    bound = 1 / np.sqrt(torch_like.fc.in_channels)
+    assert np.abs(fc).max() <= bound and np.abs(fc).max() > 0.99 * bound
+    mbf = get_backbone("mbf")
+    before = mbf.conv_sep.layers[0].weight.asnumpy().copy()
+    apply_init(mbf, "mbf", "torch")  # arcface_torch initialises mbf as we do: unchanged
+    np.testing.assert_array_equal(mbf.conv_sep.layers[0].weight.asnumpy(), before)
+
+
+def test_recipe_options_reach_the_network_and_the_step():
+    from src.training.trainer import build_network, build_step
+    cfg = TrainConfig(network="r18", width=8, margin="cosface", margin_grad="straight",
+                      interclass_filtering_threshold=0.4, optimizer="adamw", weight_decay=0.1, weight_decay_bn=True,
+                      clip_grad_norm=5.0, gradient_acc=3, init="torch")
+    net = build_network(cfg, 10)
+    assert net.head.margin.straight and net.head.margin.filter_threshold == 0.4 and net.head.margin.m3 == 0.4
+    step = build_step(cfg, net, np.full(4, 1e-3, np.float32), fp16=False)
+    assert isinstance(step.optimizer, AdamW) and step.clip_norm == 5.0 and step.accumulate == 3
+    assert all(wd == pytest.approx(0.1) for wd in step.optimizer.decays)  # BatchNorm decayed too
+    sgd = build_optimizer(TrainConfig(network="r18", width=8), net, np.full(4, 0.1, np.float32))
+    assert isinstance(sgd, nn.SGD)
