@@ -28,6 +28,9 @@ def build_parser():
     parser.add_argument("--width", type=int, default=None, help="iresnet width (default: from the checkpoint)")
     parser.add_argument("--num_features", type=int, default=None, help="embedding size (default: from the checkpoint)")
     parser.add_argument("--device_target", default="CPU", choices=["Ascend", "GPU", "CPU"])
+    parser.add_argument("--backend", default="auto", choices=["auto", "mindspore", "onnxruntime"],
+                        help="auto: ONNX Runtime on the CPU when installed (faster there; the checkpoint is exported "
+                             "once to a cached ONNX file next to it), MindSpore on GPU/Ascend (default: %(default)s)")
     parser.add_argument("--device_id", type=int, default=0)
     parser.add_argument("--batch_size", type=int, default=64, help="images per forward pass (default: %(default)s)")
     parser.add_argument("--nfolds", type=int, default=10, help="folds of the protocol (default: %(default)s)")
@@ -40,16 +43,16 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     from src import runtime
-    from src.evaluation.embedders import MindSporeEmbedder, backbone_from_checkpoint
+    from src.evaluation.embedders import checkpoint_embedder
     from src.evaluation.evaluate import ResultLog, run_evaluation, split_targets
 
     targets = split_targets(args.target)
     runtime.setup(args.device_target, args.device_id, distributed=False)
     folder = args.ckpt_url if os.path.isdir(args.ckpt_url) else os.path.dirname(os.path.abspath(args.ckpt_url))
-    backbone = backbone_from_checkpoint(args.ckpt_url, args.network, args.width, args.num_features)
+    embedder = checkpoint_embedder(args.ckpt_url, args.backend, args.device_target, args.network, args.width,
+                                   args.num_features)
     with ResultLog(args.log or os.path.join(folder, "eval.log")) as log:
-        run_evaluation(MindSporeEmbedder(backbone), args.eval_url, targets, args.batch_size, args.nfolds, log,
-                       args.result_dir or folder)
+        run_evaluation(embedder, args.eval_url, targets, args.batch_size, args.nfolds, log, args.result_dir or folder)
     return 0
 
 

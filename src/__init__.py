@@ -5,9 +5,9 @@ Layout (data flows one way; a package imports only those before it):
   data/        files -> training sources -> mindspore.dataset pipeline; .bin verification sets
   models/      backbones by name
   heads/       the margin and the class-sharded softmax classifier
+  deploy/      export, the offline inference file layout, import of insightface models
   evaluation/  embedders, the verification protocol, IJB-B/C
   training/    train step, optimizer, schedule, callbacks, checkpoints/resume, the loop
-  deploy/      export and the offline inference file layout
 """
 import os
 

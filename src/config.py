@@ -104,6 +104,9 @@ class TrainConfig:
     eval_targets: str = option("lfw,cfp_fp,agedb_30", "comma-separated sets in --eval_url")
     eval_interval: int = option(2000, "steps between evaluations", low=1)
     eval_batch_size: int = option(64, "batch size for evaluation", low=1)
+    eval_backend: str = option("auto", "auto (ONNX Runtime on the CPU when installed: the backbone is exported "
+                                       "for each evaluation; MindSpore on GPU/Ascend), mindspore or onnxruntime",
+                               choices=("auto", "mindspore", "onnxruntime"))
     # Logging and checkpoints
     log_interval: int = option(50, "steps between log lines", low=1)
     save_interval: int = option(0, "steps between checkpoints (0: at the end of each epoch)", low=0)

@@ -1,10 +1,9 @@
 """The arcface_torch recipe's pieces against formulas: AdamW (PyTorch's, bias-corrected), weight decay
 on BatchNorm, backbone gradient clipping (after unscaling, skipped-step safe), gradient accumulation,
 the torch initialisation, and the options reaching the network."""
+import mindspore as ms
 import numpy as np
 import pytest
-
-import mindspore as ms
 from mindspore import Tensor, nn
 
 from src.config import TrainConfig

@@ -10,12 +10,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_script(name, args, cwd, **env):
-    environment = dict(os.environ, PYTHON=sys.executable, **env)
+    environment = dict(os.environ, **dict({"PYTHON": sys.executable}, **env))
     return subprocess.run(["bash", str(ROOT / "scripts" / name)] + [str(a) for a in args], cwd=cwd,
                           env=environment, capture_output=True, text=True, timeout=600)
 
 
-@pytest.mark.parametrize("name", ["run_eval.sh", "run_eval_ijbc.sh", "run_eval_onnx.sh", "run_eval_ijbc_onnx.sh",
+@pytest.mark.parametrize("name", ["run_eval.sh", "run_eval_gpu.sh", "run_eval_ijbc.sh", "run_eval_ijbc_gpu.sh",
+                                  "run_eval_onnx.sh", "run_eval_ijbc_onnx.sh",
                                   "run_standalone_train.sh", "run_distribute_train.sh",
                                   "run_distribute_train_gpu.sh", "run_distribute_train_cpu.sh", "run_310_infer.sh"])
 def test_usage_without_arguments(name, tmp_path):
@@ -44,3 +45,32 @@ def test_ijb_scripts_reject_an_unknown_target(tmp_path):
     assert result.returncode == 2 and "neither IJBB nor IJBC" in result.stderr
     result = run_script("run_eval_ijbc_onnx.sh", [tmp_path, tmp_path / "x.onnx", "nope", "CPU"], tmp_path)
     assert result.returncode == 2 and "usage: bash" in result.stderr
+
+
+def echo_python(tmp_path):
+    """A stand-in interpreter that prints the command line it was given."""
+    fake = tmp_path / "python"
+    fake.write_text("#!/usr/bin/env bash\necho \"$@\"\n")
+    fake.chmod(0o755)
+    return str(fake)
+
+
+def test_gpu_ijb_script_runs_val_on_the_gpu(tmp_path):
+    (tmp_path / "IJBB").mkdir()
+    result = run_script("run_eval_ijbc_gpu.sh", [tmp_path / "IJBB", tmp_path / "x.ckpt", "IJBB", "3"], tmp_path,
+                        PYTHON=echo_python(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert "--target IJBB" in result.stdout and "--device_target GPU --device_id 3" in result.stdout
+
+
+def test_multi_node_variables_are_checked_and_passed_to_msrun(tmp_path):
+    result = run_script("run_distribute_train_cpu.sh", [tmp_path, "2"], tmp_path, NODES="2", NODE_RANK="2")
+    assert result.returncode == 2 and "NODE_RANK one of 0 .. NODES-1" in result.stderr
+    fake_msrun = tmp_path / "msrun"
+    fake_msrun.write_text("#!/usr/bin/env bash\necho msrun \"$@\"\n")
+    fake_msrun.chmod(0o755)
+    result = run_script("run_distribute_train_cpu.sh", [tmp_path, "8"], tmp_path, NODES="2", NODE_RANK="1",
+                        MASTER_ADDR="10.0.0.5", MASTER_PORT="9000", MSRUN=str(fake_msrun), OUT=str(tmp_path / "o"))
+    assert result.returncode == 0, result.stderr
+    assert ("--worker_num=16 --local_worker_num=8 --node_rank=1 --master_addr=10.0.0.5 --master_port=9000"
+            in result.stdout) and "--device_num 16" in result.stdout

@@ -52,3 +52,66 @@ def test_verification_during_training_keeps_the_best_checkpoint(trained_run):
     _, meta = read_checkpoint(str(trained_run / "best.ckpt"))
     assert meta["global_step"] == best_step and meta["network"] == "r18" and meta["width"] == 8
     assert (trained_run / "training_curve.png").stat().st_size > 10_000
+
+
+def test_onnxruntime_backend_gives_the_same_lines_and_caches_the_export(trained_run, tiny_data, tmp_path, capsys):
+    """--backend onnxruntime (the CPU default) prints the MindSpore backend's lines to 5 decimals; the
+    checkpoint is exported once, next to it, and a changed checkpoint never reuses an old export."""
+    import shutil
+
+    import mindspore as ms
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(trained_run / "ArcFace-4_8.ckpt", run)
+    common = ["--eval_url", str(tiny_data[1].parent), "--target", "demo", "--ckpt_url", str(run), "--batch_size", "16"]
+    lines = {}
+    for backend in ("mindspore", "onnxruntime"):
+        assert val.main(common + ["--backend", backend, "--log", str(tmp_path / f"{backend}.log")]) == 0
+        lines[backend] = (tmp_path / f"{backend}.log").read_text().splitlines()
+    assert lines["mindspore"] == lines["onnxruntime"] and len(lines["mindspore"]) == 4
+    assert "exporting ArcFace-4_8.ckpt to ONNX" in capsys.readouterr().err
+    exports = list((run / ".onnx-cache").glob("ArcFace-4_8.ckpt.*.onnx"))
+    assert len(exports) == 1
+    stamp = exports[0].stat().st_mtime_ns
+    assert val.main(common + ["--log", str(tmp_path / "auto.log")]) == 0  # auto = ONNX Runtime on the CPU
+    assert "exporting" not in capsys.readouterr().err and exports[0].stat().st_mtime_ns == stamp
+    assert (tmp_path / "auto.log").read_text().splitlines() == lines["mindspore"]
+    # Another checkpoint under the same name: a new export replaces the old one.
+    params = ms.load_checkpoint(str(run / "ArcFace-4_8.ckpt"))
+    params["backbone.fc.bias"].set_data(params["backbone.fc.bias"] + 1.0)
+    ms.save_checkpoint([{"name": k, "data": v} for k, v in params.items() if not isinstance(v, str)],
+                       str(run / "ArcFace-4_8.ckpt"),
+                       append_dict={k: v for k, v in params.items() if isinstance(v, str)} | {"meta_network": "r18",
+                                                                                              "meta_width": 8})
+    assert val.main(common + ["--log", str(tmp_path / "changed.log")]) == 0
+    assert "exporting" in capsys.readouterr().err
+    assert [p for p in (run / ".onnx-cache").glob("*.onnx")] != exports and \
+        len(list((run / ".onnx-cache").glob("*.onnx"))) == 1
+
+
+def test_backend_embeddings_agree(trained_run):
+    from src.evaluation.embedders import checkpoint_embedder
+    batch = np.random.default_rng(0).uniform(-1, 1, (5, 3, 112, 112)).astype(np.float32)
+    ms_emb = checkpoint_embedder(str(trained_run / "ArcFace-4_8.ckpt"), "mindspore")(batch)
+    ort_emb = checkpoint_embedder(str(trained_run / "ArcFace-4_8.ckpt"), "onnxruntime")(batch)
+    assert float(np.abs(ms_emb - ort_emb).max() / np.abs(ms_emb).max()) <= 1e-4
+
+
+def test_evaluation_during_training_gives_the_same_numbers_with_both_backends(tiny_data, tmp_path):
+    import types
+
+    from src.data.bins import load_bin
+    from src.models import get_backbone
+    from src.training.callbacks import SyncState, VerificationMonitor
+    backbone = get_backbone("r18", width=8, num_features=32)
+    sets = {"demo": load_bin(str(tiny_data[1]))}
+    writer = types.SimpleNamespace(directory=str(tmp_path), write=lambda *args, **kwargs: None)
+    state = SyncState(1, 1, 1, 1, 1, 1.0, 0.1, 1, 1.0, 8)
+    results = {}
+    for backend in ("mindspore", "onnxruntime"):
+        monitor = VerificationMonitor(backbone, sets, 1, 16, writer, metrics_path=str(tmp_path / f"{backend}.jsonl"),
+                                      backend=backend)
+        monitor.evaluate(state)
+        results[backend] = json.loads((tmp_path / f"{backend}.jsonl").read_text())["eval"]["demo"]
+    assert results["mindspore"] == results["onnxruntime"]
+    assert backbone.training  # back in training mode

@@ -1,4 +1,5 @@
-"""Deployment: MINDIR/AIR/ONNX export and the file layout of the offline (C++) inference app.
+"""Deployment: MINDIR/AIR/ONNX export, the file layout of the offline (C++) inference app, and the
+import of insightface models.
 
-May import: src.errors, src.checkpoint, data, models, evaluation.
+May import: src.errors, src.checkpoint, src.safe_pickle, data, models (evaluation uses the ONNX export).
 """

@@ -105,8 +105,8 @@ class PartialFC(nn.Cell):
             self.gather_rows = _AllGatherRows(self.rank, self.world_size, use_reduce_scatter)
             self.all_gather = ops.AllGather()
             self.all_reduce = ops.AllReduce()
-        # Per-rank random stream for the negatives; only used when sampling.
-        self.uniform = ops.UniformReal(seed=int(seed) + 1, seed2=self.rank + 1)
+        # Per-rank random stream for the negatives.
+        self.uniform = ops.UniformReal(seed=int(seed) + 1, seed2=self.rank + 1) if self.sampling else None
 
     # -- the forward pass, in pieces that tests can call one by one --
 

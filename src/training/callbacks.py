@@ -208,10 +208,12 @@ class VerificationMonitor(Callback):
     records them in metrics.jsonl and keeps the checkpoint with the best mean Accuracy-Flip as
     `best.ckpt` (backbone and everything rank 0 holds)."""
 
-    def __init__(self, backbone, sets, interval, batch_size, writer, metrics_path=None, nfolds=10, best=None):
+    def __init__(self, backbone, sets, interval, batch_size, writer, metrics_path=None, nfolds=10, best=None,
+                 backend="mindspore"):
         from src.evaluation.embedders import MindSporeEmbedder
         self.backbone, self.sets, self.interval = backbone, sets, interval
         self.batch_size, self.nfolds = batch_size, nfolds
+        self.backend = backend
         self.embedder = MindSporeEmbedder(backbone)
         backbone.set_train(True)
         self.writer = writer
@@ -229,12 +231,22 @@ class VerificationMonitor(Callback):
         if s is not None and self.last_step != s.global_step:
             self.evaluate(s)
 
+    def _current_embedder(self):
+        """The backbone as it is now: itself, or its ONNX export (rewritten each time) run by ONNX Runtime."""
+        if self.backend != "onnxruntime":
+            return self.embedder
+        from src.deploy.exporting import export_backbone
+        from src.evaluation.embedders import OnnxEmbedder
+        folder = os.path.join(self.writer.directory, ".onnx-cache")
+        os.makedirs(folder, exist_ok=True)
+        return OnnxEmbedder(export_backbone(self.backbone, os.path.join(folder, "evaluation"), "ONNX"))
+
     def evaluate(self, s: SyncState):
         from src.evaluation.verification import verify_sets
         self.last_step = s.global_step
         self.backbone.set_train(False)
         try:
-            results = verify_sets(self.embedder, self.sets, self.batch_size, self.nfolds, log=logger.info,
+            results = verify_sets(self._current_embedder(), self.sets, self.batch_size, self.nfolds, log=logger.info,
                                   progress=False)
         finally:
             self.backbone.set_train(True)

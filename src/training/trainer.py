@@ -225,8 +225,10 @@ def build_callbacks(run, net, step):
             from src.evaluation.verification import load_sets
             targets = [t for t in cfg.eval_targets.split(",") if t]
             sets = load_sets(cfg.eval_url, targets, log=logger.info, progress=False)
+            from src.evaluation.embedders import resolve_backend
             callbacks.append(VerificationMonitor(net.backbone, sets, cfg.eval_interval, cfg.eval_batch_size, writer,
-                                                 metrics, best=best_eval_score(metrics) if cfg.resume else None))
+                                                 metrics, best=best_eval_score(metrics) if cfg.resume else None,
+                                                 backend=resolve_backend(cfg.eval_backend, cfg.device_target)))
         callbacks.append(CurvePlotter(metrics, os.path.join(run.output_dir, "training_curve.png")))
     return callbacks
 
