@@ -143,16 +143,22 @@ def check_shapes(cell, params, path):
                 f"there and {tuple(param.shape)} here (another --network or --num_classes?)")
 
 
+_BACKBONE_PREFIXES = ("network.backbone.", "_backbone.", "backbone.")
+
+
+def bare_name(name):
+    """A backbone parameter's name without the prefix its parent cell gives it."""
+    for prefix in _BACKBONE_PREFIXES:
+        if name.startswith(prefix):
+            return name[len(prefix):]
+    return name
+
+
 def backbone_params(params, backbone):
-    """The backbone's entries of a checkpoint, whatever prefix the training cell gave them."""
-    own = {p.name for p in backbone.get_parameters()}
-    selected = {}
-    for key, value in params.items():
-        for prefix in ("", "backbone.", "network.backbone.", "_backbone."):
-            if key.startswith(prefix) and key[len(prefix):] in own:
-                selected[key[len(prefix):]] = value
-                break
-    return selected
+    """The backbone's entries of a checkpoint, whatever prefix the training cell gave them there or
+    the backbone's parent cell gives them here; keyed by the backbone's own parameter names."""
+    own = {bare_name(p.name): p.name for p in backbone.get_parameters()}
+    return {own[bare_name(key)]: value for key, value in params.items() if bare_name(key) in own}
 
 
 def load_backbone(backbone, path, params=None):

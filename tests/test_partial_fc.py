@@ -24,7 +24,7 @@ import src.runtime  # noqa: F401  (CPU settings before MindSpore runs)
 from src.errors import ArcFaceError
 from src.heads.classifier import PartialFC, export_merged_checkpoint, merge_shards
 from src.heads.margin import CombinedMargin
-from src.heads.sharding import class_range, find_shards, init_centres, num_sampled_centres, split_rows
+from src.heads.sharding import class_range, find_shards, init_centres, num_sampled_centres
 from src.training.state import CheckpointWriter, restore
 from src.training.step import BackboneWithHead, TrainStep
 
@@ -38,6 +38,13 @@ WORLD, BATCH, STEPS, IN_DIM, DIM, CLASSES = 2, 4, 3, 12, 16, 41  # 41 classes: s
 CFG = {"s": 64.0, "margins": [1.0, 0.5, 0.0], "seed": 5, "lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4,
        "sampled": {"num_classes": 100, "sample_rate": 0.3, "steps": 5}}
 MSRUN_TIMEOUT = 180  # seconds; a normal run takes ~40 s on 2 busy cores
+
+
+
+def split_rows(full, rank, world_size):
+    """Rows of `rank` of a full (num_classes, ...) array."""
+    start, stop = class_range(full.shape[0], rank, world_size)
+    return np.asarray(full)[start:stop].copy()
 
 
 def free_port():

@@ -96,3 +96,26 @@ def _unpin_reshapes(graph, probe_batch):
         if shape.size and shape[0] == probe_batch:
             shape[0] = 0
             tensor.CopyFrom(numpy_helper.from_array(shape, tensor.name))
+
+
+def export_checkpoint_onnx(ckpt_path, file_name, timeout=1800):
+    """Export the backbone of `ckpt_path` to ONNX in a fresh process: MindSpore cannot export a
+    network of a class whose training graph this process already compiled (BatchNorm's training
+    outputs are cached with the class's graph). Returns the path written."""
+    import subprocess
+    import sys
+    code = ("import sys; sys.path.insert(0, sys.argv[1])\n"
+            "from src import runtime; runtime.setup('CPU', distributed=False)\n"
+            "from src.checkpoint import load_backbone, read_checkpoint\n"
+            "from src.deploy.exporting import export_backbone\n"
+            "from src.models import get_backbone\n"
+            "params, meta = read_checkpoint(sys.argv[2])\n"
+            "backbone = get_backbone(meta['network'], meta['num_features'], width=meta['width'])\n"
+            "load_backbone(backbone, sys.argv[2], params)\n"
+            "print(export_backbone(backbone, sys.argv[3], 'ONNX'))\n")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    done = subprocess.run([sys.executable, "-c", code, root, ckpt_path, file_name], cwd=root, capture_output=True,
+                          text=True, timeout=timeout)
+    if done.returncode != 0:
+        raise ArcFaceError(f"exporting {ckpt_path} to ONNX failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
+    return done.stdout.strip().splitlines()[-1]

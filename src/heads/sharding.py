@@ -60,13 +60,6 @@ def init_centres(start, stop, embedding_size, seed=0, sigma=0.01):
     return out
 
 
-def split_rows(full, rank, world_size):
-    """Rows of `rank` of a full (num_classes, ...) array."""
-    full = np.asarray(full)
-    start, stop = class_range(full.shape[0], rank, world_size)
-    return full[start:stop].copy()
-
-
 def is_head_state(name, head_names=("head.weight",)):
     """The head's parameters and the optimizer slots of them (`accum.head.weight`, `moment1.head.weight`...)."""
     return any(name == own or name.endswith("." + own) for own in head_names)

@@ -209,11 +209,12 @@ class VerificationMonitor(Callback):
     `best.ckpt` (backbone and everything rank 0 holds)."""
 
     def __init__(self, backbone, sets, interval, batch_size, writer, metrics_path=None, nfolds=10, best=None,
-                 backend="mindspore"):
+                 backend="mindspore", model=None):
         from src.evaluation.embedders import MindSporeEmbedder
         self.backbone, self.sets, self.interval = backbone, sets, interval
         self.batch_size, self.nfolds = batch_size, nfolds
         self.backend = backend
+        self.model = dict(model or {})  # network, width, num_features: how to rebuild the backbone
         self.embedder = MindSporeEmbedder(backbone)
         backbone.set_train(True)
         self.writer = writer
@@ -235,11 +236,15 @@ class VerificationMonitor(Callback):
         """The backbone as it is now: itself, or its ONNX export (rewritten each time) run by ONNX Runtime."""
         if self.backend != "onnxruntime":
             return self.embedder
-        from src.deploy.exporting import export_backbone
+        from src.checkpoint import bare_name, save_checkpoint_atomic
+        from src.deploy.exporting import export_checkpoint_onnx
         from src.evaluation.embedders import OnnxEmbedder
         folder = os.path.join(self.writer.directory, ".onnx-cache")
         os.makedirs(folder, exist_ok=True)
-        return OnnxEmbedder(export_backbone(self.backbone, os.path.join(folder, "evaluation"), "ONNX"))
+        weights = os.path.join(folder, "evaluation.ckpt")
+        entries = [{"name": bare_name(p.name), "data": p} for p in self.backbone.get_parameters()]
+        save_checkpoint_atomic(entries, weights, self.model)
+        return OnnxEmbedder(export_checkpoint_onnx(weights, os.path.join(folder, "evaluation")))
 
     def evaluate(self, s: SyncState):
         from src.evaluation.verification import verify_sets

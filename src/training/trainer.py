@@ -20,7 +20,7 @@ import mindspore as ms
 
 from src import runtime
 from src.checkpoint import MODEL_KEYS, checkpoint_position, list_checkpoints, read_checkpoint, remove_stale_temporaries
-from src.config import read_record, record_text, resume_config
+from src.config import read_record, record_text, resume_config, validate
 from src.data.pipeline import checked_iterator, create_train_dataset
 from src.data.sources import open_source, resolve_num_classes
 from src.errors import ArcFaceError
@@ -98,6 +98,19 @@ def _prepare_folders(run):
         # A fresh run would mix its checkpoints with these (and prune its own first).
         raise ArcFaceError(f"{run.output_dir} already holds checkpoints ({os.path.basename(existing[-1])}): "
                            f"use --resume auto to continue, or another --train_url")
+
+
+def adopt_initial_architecture(run, given):
+    """--ckpt_url without --resume: the backbone options the checkpoint records (network, width,
+    embedding size) are taken unless given, so that an imported or earlier model loads as it is."""
+    cfg = run.cfg
+    if not cfg.ckpt_url or cfg.resume:
+        return
+    _, meta = read_checkpoint(cfg.ckpt_url, meta_only=True)
+    for key in MODEL_KEYS:
+        if key in meta and (given is None or key not in given):
+            setattr(cfg, key, meta[key])
+    validate(cfg)
 
 
 def resolve_resume(run, given):
@@ -228,7 +241,8 @@ def build_callbacks(run, net, step):
             from src.evaluation.embedders import resolve_backend
             callbacks.append(VerificationMonitor(net.backbone, sets, cfg.eval_interval, cfg.eval_batch_size, writer,
                                                  metrics, best=best_eval_score(metrics) if cfg.resume else None,
-                                                 backend=resolve_backend(cfg.eval_backend, cfg.device_target)))
+                                                 backend=resolve_backend(cfg.eval_backend, cfg.device_target),
+                                                 model=model))
         callbacks.append(CurvePlotter(metrics, os.path.join(run.output_dir, "training_curve.png")))
     return callbacks
 
@@ -248,6 +262,7 @@ def train(cfg, given=None):
 
 def _train(run, given):
     resolve_resume(run, given)
+    adopt_initial_architecture(run, given)
     cfg = run.cfg
     source, dataset = open_data(run)
     write_record(run, source)

@@ -25,9 +25,16 @@ from mindspore import nn, ops, Tensor  # noqa: E402
 from src.checkpoint import checkpoint_name  # noqa: E402
 from src.heads.classifier import PartialFC  # noqa: E402
 from src.heads.margin import CombinedMargin  # noqa: E402
-from src.heads.sharding import split_rows  # noqa: E402
+from src.heads.sharding import class_range  # noqa: E402
 from src.training.state import CheckpointWriter, restore  # noqa: E402
 from src.training.step import BackboneWithHead, TrainStep  # noqa: E402
+
+
+
+def split_rows(full, rank, world_size):
+    """Rows of `rank` of a full (num_classes, ...) array."""
+    start, stop = class_range(full.shape[0], rank, world_size)
+    return np.asarray(full)[start:stop].copy()
 
 
 class SampledCentres(nn.Cell):
