@@ -2,12 +2,13 @@
 # make test      : set up .venv, lint, and run the whole test suite
 # make test-fast : the unit tier only (no end-to-end training, no worker launches, no C++ build)
 # make lint      : ruff (lint + import order)
+# make bench     : this machine's figures per backbone (a few minutes on 2 cores; outputs/bench.json)
 PYTHON_BOOTSTRAP ?= python3
 VENV := .venv
 PYTHON := $(VENV)/bin/python
 STAMP := $(VENV)/.requirements-installed
 
-.PHONY: install demo test test-fast lint clean
+.PHONY: install demo test test-fast lint bench clean
 
 install: $(STAMP)
 
@@ -28,6 +29,10 @@ test: lint
 
 test-fast: install
 	$(PYTHON) -m pytest -q -m "not slow and not dist and not cpp" tests
+
+bench: install
+	mkdir -p outputs
+	$(PYTHON) bench/run.py --json outputs/bench.json
 
 clean:
 	rm -rf outputs/demo demo_data .pytest_cache

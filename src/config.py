@@ -94,6 +94,8 @@ class TrainConfig:
                               "dynamic loss scaling)", choices=("auto", "O0", "O2"))
     seed: int = option(1024, "random seed", low=0)
     max_steps: int = option(0, "stop after this many global steps (0: all epochs)", low=0)
+    sink_size: int = option(0, "GPU/Ascend: run this many steps per call on the device, fed by MindSpore's data sink "
+                               "(0: one step per call, fed from the host); logs and saves fall at block ends", low=0)
     # Data pipeline
     num_workers: int = option(4, "parallel workers for decoding/augmentation", low=1)
     skip_corrupt: bool = option(False, "replace undecodable images (each logged with its file and key) instead "
@@ -210,6 +212,8 @@ def validate(cfg):
     for name in OPTIONS:
         check_value(name, getattr(cfg, name))
     parse_margin(cfg.margin)
+    if cfg.sink_size and cfg.device_target == "CPU":
+        raise ArcFaceError("--sink_size needs --device_target GPU or Ascend (MindSpore sinks data to those only)")
     if cfg.train_url and os.path.exists(cfg.train_url) and not os.path.isdir(cfg.train_url):
         raise ArcFaceError(f"--train_url {cfg.train_url} is a file, not a folder")
     from src.models import canonical_name, check_backbone_options

@@ -166,6 +166,31 @@ def test_loop_reads_results_at_sync_points_and_stops_on_divergence():
     assert recorder.saved == [3, 6]
 
 
+def test_sunk_blocks_of_steps_are_read_at_their_ends(monkeypatch, capsys):
+    """--sink_size: MindSpore's data sink runs a block of steps per call (GPU/Ascend); the loop counts
+    the block's steps and reads the last one's results at its end. (On the CPU it is refused.)"""
+    import mindspore as ms
+
+    from src.training.trainer import run_loop
+    calls = []
+
+    def data_sink(fn, dataset, sink_size):
+        def run():
+            calls.append(sink_size)
+            for _ in range(sink_size):
+                out = fn(None, None)
+            return out
+        return run
+    monkeypatch.setattr(ms, "data_sink", data_sink)
+    recorder = Recorder(interval=0)
+    state = run_loop(FakeStep([(1.0, False, 4.0)] * 12), FakeDataset(4), np.linspace(0.1, 1.2, 12).astype(np.float32),
+                     0, 12, 4, 8, [recorder], log_interval=1, sink_size=4)
+    assert calls == [4, 4, 4] and recorder.synced == [(4, 4, 0, 4.0), (8, 4, 0, 4.0), (12, 4, 0, 4.0)]
+    assert state.global_step == 12 and state.lr == pytest.approx(1.2) and state.epoch == 3
+    assert run_main(train.main, ["--sink_size", "4", "--data_url", "x"]) == 2
+    assert "--sink_size needs --device_target GPU or Ascend" in capsys.readouterr().err
+
+
 def test_checkpoint_save_is_atomic(tmp_path, monkeypatch):
     import mindspore as ms
     net = ms.nn.Dense(3, 2)

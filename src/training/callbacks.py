@@ -1,8 +1,8 @@
 """What happens around the training steps: log lines, progress bar, metrics, checkpoints, evaluation.
 
 The loop reads the step results back from the device only at sync points (log lines, checkpoints,
-evaluations, epoch ends; see src.training.trainer.run_loop). Callbacks get `on_step(global_step)`
-after every step (host-only work such as the progress bar), `due(global_step)` to ask for a sync,
+evaluations, epoch ends; see src.training.trainer.run_loop). Callbacks get `on_step(global_step, steps)`
+after every call to the device (host-only work such as the progress bar), `due(global_step)` to ask for a sync,
 and at each sync `on_sync(state)` with a `SyncState`; then `on_epoch_end` and `on_train_end`.
 """
 import json
@@ -39,7 +39,7 @@ class SyncState:
 class Callback:
     """No-op hooks; subclasses override what they need."""
 
-    def on_step(self, global_step):
+    def on_step(self, global_step, steps=1):
         pass
 
     def due(self, global_step):
@@ -126,9 +126,9 @@ class LossMonitor(Callback):
         self.window_steps, self.window_seconds, self.window_skipped = 0, 0.0, 0
         self.epoch_steps, self.epoch_seconds = 0, 0.0
 
-    def on_step(self, global_step):
+    def on_step(self, global_step, steps=1):
         if self.bar is not None:
-            self.bar.update(1)
+            self.bar.update(steps)
 
     def on_sync(self, s: SyncState):
         if self.progress and self.bar is None:

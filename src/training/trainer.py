@@ -291,7 +291,7 @@ def _train(run, given):
     previous_handler = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         return run_loop(step, dataset, lr_per_step, start_step, total_steps, steps_per_epoch,
-                        cfg.batch_size * run.rt.group_size, callbacks, cfg.log_interval)
+                        cfg.batch_size * run.rt.group_size, callbacks, cfg.log_interval, cfg.sink_size)
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
 
@@ -314,11 +314,13 @@ class _Pending:
     def __init__(self, lr_per_step, steps_per_epoch, total_steps, global_batch):
         self.lr_per_step, self.steps_per_epoch = lr_per_step, steps_per_epoch
         self.total_steps, self.global_batch = total_steps, global_batch
-        self.results = []
+        self.results, self.steps = [], 0
         self.since = time.perf_counter()
 
-    def add(self, global_step, output):
+    def add(self, global_step, output, steps=1):
+        """The results of the step `global_step`, the last of `steps` steps run since the last add."""
         self.results.append((global_step, output))
+        self.steps += steps
 
     def read(self):
         """Read the pending results: a SyncState for the last step, or an ArcFaceError naming the
@@ -338,40 +340,55 @@ class _Pending:
         now = time.perf_counter()
         epoch, step_in_epoch = divmod(global_step - 1, self.steps_per_epoch)
         state = SyncState(epoch + 1, step_in_epoch + 1, global_step, self.steps_per_epoch, self.total_steps, loss,
-                          float(self.lr_per_step[global_step - 1]), len(self.results), now - self.since,
+                          float(self.lr_per_step[global_step - 1]), self.steps, now - self.since,
                           self.global_batch, skipped, scale)
-        self.results, self.since = [], now
+        self.results, self.steps, self.since = [], 0, now
         return state
 
 
+def step_blocks(train_step, dataset, start_step, total_steps, steps_per_epoch, sink_size=0):
+    """(number of steps, results of the last one) per call to the device: one step fed from the host,
+    or `sink_size` steps that MindSpore's data sink runs on the device from the dataset itself
+    (GPU/Ascend only), as the model zoo trains."""
+    repeats = math.ceil((total_steps - start_step) / steps_per_epoch)
+    if sink_size:
+        sink = ms.data_sink(train_step, dataset.repeat(repeats), sink_size=sink_size)
+        while True:
+            yield sink_size, sink()
+    for images, labels in checked_iterator(dataset.repeat(repeats).create_tuple_iterator(num_epochs=1)):
+        yield 1, train_step(images, labels)
+
+
 def run_loop(train_step, dataset, lr_per_step, start_step, total_steps, steps_per_epoch, global_batch, callbacks,
-             log_interval=1):
+             log_interval=1, sink_size=0):
     """Step until total_steps. The data pipeline is one stream repeated as often as needed, so a
     run resumed mid-epoch simply continues; epoch and step numbers derive from the global step.
     Step results are read back only at sync points: log lines, checkpoints, evaluations, epoch
-    ends and the end."""
+    ends and the end (with a data sink: at the end of every sunk block of steps)."""
     train_step.set_train(True)
-    repeats = math.ceil((total_steps - start_step) / steps_per_epoch)
-    iterator = checked_iterator(dataset.repeat(repeats).create_tuple_iterator(num_epochs=1))
     pending = _Pending(lr_per_step, steps_per_epoch, total_steps, global_batch)
     global_step, state = start_step, None
     if start_step == 0:
         logger.info("compiling the training graph (the first step takes longer)")
     distributed = getattr(train_step, "distributed", False)
+    blocks = step_blocks(train_step, dataset, start_step, total_steps, steps_per_epoch, sink_size)
     try:
-        for images, labels in iterator:
+        while True:
             try:
-                pending.add(global_step + 1, train_step(images, labels))
+                count, output = next(blocks)
+            except StopIteration:
+                break
             except RuntimeError as exc:
                 if not distributed:
                     raise
                 raise _rank_lost(exc, global_step + 1) from None
-            global_step += 1
+            global_step += count
+            pending.add(global_step, output, count)
             for cb in callbacks:
-                cb.on_step(global_step)
+                cb.on_step(global_step, count)
             step_in_epoch = (global_step - 1) % steps_per_epoch + 1
             epoch_end = step_in_epoch == steps_per_epoch
-            if (step_in_epoch % log_interval == 0 or epoch_end or global_step >= total_steps
+            if (count > 1 or step_in_epoch % log_interval == 0 or epoch_end or global_step >= total_steps
                     or any(cb.due(global_step) for cb in callbacks)):
                 state = pending.read()
                 for cb in callbacks:
