@@ -35,19 +35,23 @@ def msrun(script_and_args, log_dir, workers=2, timeout=420):
     return logs
 
 
-def single_process_reference(out):
+def single_process_reference(out, recipe):
     env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'tests' / 'dist'}")
-    result = subprocess.run([sys.executable, str(ROOT / "tests" / "dist" / "dp_reference.py"), str(out), str(STEPS)],
+    result = subprocess.run([sys.executable, str(ROOT / "tests" / "dist" / "dp_reference.py"), str(out), str(STEPS),
+                             recipe],
                             env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     reference = dict(np.load(out / "reference.npz"))
     return dict(np.load(out / "initial.npz")), reference, reference.pop("losses")
 
 
-def test_ranks_stay_identical_and_equal_single_process_training(tmp_path):
+@pytest.mark.parametrize("recipe", ["zoo", "arcface_torch"])
+def test_ranks_stay_identical_and_equal_single_process_training(tmp_path, recipe):
     """The project's train step on 2 ranks (backbone replicated, head sharded: each rank holds half of
-    the classes) equals one process averaging the two shards' gradients of the full head."""
-    msrun([ROOT / "tests" / "dist" / "dp_worker.py", tmp_path, STEPS], tmp_path / "logs")
+    the classes) equals one process averaging the two shards' gradients of the full head, with SGD,
+    and with AdamW, weight decay on BatchNorm and a clipped backbone gradient (clipped after the
+    ranks' gradients are summed, so the same on every rank)."""
+    msrun([ROOT / "tests" / "dist" / "dp_worker.py", tmp_path, STEPS, recipe], tmp_path / "logs")
     rank0, rank1 = (dict(np.load(tmp_path / f"rank{r}.npz")) for r in (0, 1))
     sharded = [n for n in rank0 if n.endswith("head.weight")]
     assert sharded == ["head.weight"] and rank0["head.weight"].shape[0] + rank1["head.weight"].shape[0] == 6
@@ -56,7 +60,7 @@ def test_ranks_stay_identical_and_equal_single_process_training(tmp_path):
     assert len(names) > 50
     for name in names:
         np.testing.assert_array_equal(rank0[name], rank1[name], err_msg=name)
-    initial, reference, losses = single_process_reference(tmp_path)
+    initial, reference, losses = single_process_reference(tmp_path, recipe)
     names.append("head.weight")
     assert set(reference) == set(names)
     # CPU kernels are not bit-deterministic, and the gradient of a BatchNorm beta followed by

@@ -167,3 +167,31 @@ def test_recipe_options_reach_the_network_and_the_step():
     assert all(wd == pytest.approx(0.1) for wd in step.optimizer.decays)  # BatchNorm decayed too
     sgd = build_optimizer(TrainConfig(network="r18", width=8), net, np.full(4, 0.1, np.float32))
     assert isinstance(sgd, nn.SGD)
+
+
+def test_adamw_state_is_saved_and_restored(tmp_path):
+    """A run resumed from a checkpoint continues AdamW exactly: moments and update count come back, and
+    the next step gives the same parameters as the uninterrupted run."""
+    from src.training.state import CheckpointWriter, restore
+
+    def adamw_step(seed):
+        ms.set_seed(seed)
+        net = BackboneWithHead(nn.Dense(6, 4), PartialFC(5, 4, CombinedMargin(8.0, 1.0, 0.5, 0.0), rank=0,
+                                                         world_size=1, seed=seed))
+        optimizer = AdamW(parameter_groups(net, 0.1, decay_batchnorm=True), Tensor(np.full(8, 1e-2, np.float32)))
+        return TrainStep(net, optimizer, clip_norm=1.0)
+    first, other = adamw_step(1), adamw_step(2)
+    for seed in (1, 2):
+        first(*batch(seed))
+    CheckpointWriter(first, first.network.head, str(tmp_path), keep=1).save(
+        {"epoch": 1, "step_in_epoch": 2, "global_step": 2})
+    restore(other, other.network.head, str(tmp_path / "ArcFace-1_2.ckpt"))
+    names = [p.name for p in first.get_parameters()]
+    assert {"adam_m.head.weight", "adam_v.backbone.weight", "adam_updates"} <= set(names)
+    for mine, theirs in zip(first.get_parameters(), other.get_parameters()):
+        if mine.name != "learning_rate":
+            np.testing.assert_array_equal(mine.asnumpy(), theirs.asnumpy(), err_msg=mine.name)
+    first(*batch(3))
+    other(*batch(3))
+    for mine, theirs in zip(first.get_parameters(), other.get_parameters()):
+        np.testing.assert_allclose(mine.asnumpy(), theirs.asnumpy(), rtol=1e-6, atol=1e-7, err_msg=mine.name)

@@ -1,8 +1,9 @@
 """Training: one function, `train(cfg)`, in named phases that read top to bottom, and the loop.
 
-  set-up     device, ranks, output folder, logging
-  record     --resume: the checkpoint to continue and the configuration it recorded
-  data       source, number of classes, pipeline
+  set-up     device, ranks, the output folder's lock, stale files, logging
+  record     --resume: the checkpoint to continue and the configuration it recorded (or, with
+             --ckpt_url, the architecture the checkpoint records)
+  data       source, number of classes, pipeline; config.yaml written
   model      backbone + head (the class-sharded head; one rank holds all classes)
   step       optimizer, learning rates, the one train-step cell
   restore    weights / optimizer / step from --resume, or weights from --ckpt_url
@@ -45,7 +46,6 @@ from src.training.state import CheckpointWriter, initialise, latest_resumable, r
 from src.training.step import BackboneWithHead, TrainStep
 
 logger = logging.getLogger("arcface")
-
 
 
 @dataclass

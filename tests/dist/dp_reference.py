@@ -13,18 +13,18 @@ import numpy as np  # noqa: E402
 from src import runtime  # noqa: E402
 
 
-def main(out, steps):
+def main(out, steps, recipe):
     runtime.setup("CPU", mode="pynative", seed=11, distributed=False)
     import mindspore as ms
-    from mindspore import nn
-    from dp_common import CFG, NUM_CLASSES, global_batch
-    from src.training.optim import parameter_groups
+    from dp_common import NUM_CLASSES, RECIPES, global_batch
+    from src.training.optim import build_optimizer
     from src.training.trainer import build_network
 
-    net = build_network(CFG, NUM_CLASSES)
+    cfg, lr = RECIPES[recipe]
+    net = build_network(cfg, NUM_CLASSES)
     net.set_train(True)
     np.savez(os.path.join(out, "initial.npz"), **{p.name: p.asnumpy() for p in net.trainable_params()})
-    optimizer = nn.SGD(parameter_groups(net, CFG.weight_decay), learning_rate=0.1, momentum=CFG.momentum)
+    optimizer = build_optimizer(cfg, net, np.full(steps, lr, np.float32))
     grad_fn = ms.value_and_grad(net, None, optimizer.parameters)
     images, labels = global_batch()
     half = len(images) // 2
@@ -35,11 +35,18 @@ def main(out, steps):
             loss, grads = grad_fn(ms.Tensor(images[rows]), ms.Tensor(labels[rows]))
             shard_losses.append(float(loss.asnumpy()))
             shard_grads.append(grads)
-        optimizer(tuple((a + b) / 2 for a, b in zip(*shard_grads)))
+        grads = [(a + b) / 2 for a, b in zip(*shard_grads)]
+        if cfg.clip_grad_norm:  # torch.nn.utils.clip_grad_norm_ on the backbone's gradients
+            backbone = [i for i, p in enumerate(optimizer.parameters) if p.name.startswith("backbone.")]
+            norm = float(np.sqrt(sum((grads[i].asnumpy().astype(np.float64) ** 2).sum() for i in backbone)))
+            factor = min(1.0, cfg.clip_grad_norm / (norm + 1e-6))
+            for i in backbone:
+                grads[i] = grads[i] * factor
+        optimizer(tuple(grads))
         losses.append(shard_losses)
     params = {p.name: p.asnumpy() for p in net.trainable_params()}
     np.savez(os.path.join(out, "reference.npz"), losses=np.array(losses), **params)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]))
+    main(sys.argv[1], int(sys.argv[2]), sys.argv[3])

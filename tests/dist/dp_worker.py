@@ -1,6 +1,6 @@
 """One data-parallel worker (launched by msrun from tests/test_distributed.py).
 
-Trains the project's network with the project's train-step cell for a few steps on this rank's
+Trains the project's network with the project's train-step cell and the recipe named by argv[3] for a few steps on this rank's
 shard of a fixed global batch and saves the trainable parameters as <out>/rank<r>.npz.
 """
 import os
@@ -13,14 +13,15 @@ import numpy as np  # noqa: E402
 from src import runtime  # noqa: E402
 
 
-def main(out, steps):
+def main(out, steps, recipe):
     rt = runtime.setup("CPU", mode="graph", seed=11)
     assert rt.distributed, "expected to be launched by msrun with 2 workers"
     import mindspore as ms
-    from dp_common import CFG, NUM_CLASSES, global_batch
+    from dp_common import NUM_CLASSES, RECIPES, global_batch
     from src.training.trainer import build_network, build_step
-    net = build_network(CFG, NUM_CLASSES)
-    step = build_step(CFG, net, np.full(steps, 0.1, np.float32), fp16=False)
+    cfg, lr = RECIPES[recipe]
+    net = build_network(cfg, NUM_CLASSES)
+    step = build_step(cfg, net, np.full(steps, lr, np.float32), fp16=False)
     step.set_train(True)
     images, labels = global_batch()
     per_rank = len(images) // rt.group_size
@@ -33,4 +34,4 @@ def main(out, steps):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]))
+    main(sys.argv[1], int(sys.argv[2]), sys.argv[3])
