@@ -42,7 +42,8 @@ def single_process_reference(out, recipe):
                             env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     reference = dict(np.load(out / "reference.npz"))
-    return dict(np.load(out / "initial.npz")), reference, reference.pop("losses")
+    clip_factors = reference.pop("clip_factors")
+    return dict(np.load(out / "initial.npz")), reference, reference.pop("losses"), clip_factors
 
 
 @pytest.mark.parametrize("recipe", ["zoo", "arcface_torch"])
@@ -60,16 +61,20 @@ def test_ranks_stay_identical_and_equal_single_process_training(tmp_path, recipe
     assert len(names) > 50
     for name in names:
         np.testing.assert_array_equal(rank0[name], rank1[name], err_msg=name)
-    initial, reference, losses = single_process_reference(tmp_path, recipe)
+    initial, reference, losses, clip_factors = single_process_reference(tmp_path, recipe)
+    assert recipe == "zoo" or (clip_factors < 1).all()  # the clip acted at every step
     names.append("head.weight")
     assert set(reference) == set(names)
     # CPU kernels are not bit-deterministic, and the gradient of a BatchNorm beta followed by
     # another BatchNorm is mathematically ~0, i.e. rounding noise; so the parameters are compared as
     # one vector, relative to how far training moved them (repeated single-process runs differ by
     # up to ~2e-4 of it; summed instead of averaged gradients, or one rank's alone, by 50-100%).
+    # AdamW moves every parameter by about lr per step whatever the size of its gradient, so those
+    # whose gradient is rounding noise drift apart by ~lr: a looser bound there (a wrong reduction or
+    # clip would differ by 50-100% of the move).
     moved = np.sqrt(sum(((reference[n] - initial[n]) ** 2).sum() for n in names))
     apart = np.sqrt(sum(((rank0[n] - reference[n]) ** 2).sum() for n in names))
-    assert moved > 0.1 and apart <= 1e-3 * moved, (apart, moved)
+    assert moved > 0.1 and apart <= (1e-3 if recipe == "zoo" else 5e-3) * moved, (apart, moved)
     # Every rank reports the loss of the global batch: the mean of the two shards' losses.
     np.testing.assert_allclose(rank0["losses"], losses.mean(axis=1), rtol=1e-4)
     np.testing.assert_allclose(rank1["losses"], losses.mean(axis=1), rtol=1e-4)

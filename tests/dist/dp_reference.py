@@ -28,7 +28,7 @@ def main(out, steps, recipe):
     grad_fn = ms.value_and_grad(net, None, optimizer.parameters)
     images, labels = global_batch()
     half = len(images) // 2
-    losses = []
+    losses, clip_factors = [], []
     for _ in range(steps):
         shard_losses, shard_grads = [], []
         for rows in (slice(0, half), slice(half, None)):
@@ -40,12 +40,14 @@ def main(out, steps, recipe):
             backbone = [i for i, p in enumerate(optimizer.parameters) if p.name.startswith("backbone.")]
             norm = float(np.sqrt(sum((grads[i].asnumpy().astype(np.float64) ** 2).sum() for i in backbone)))
             factor = min(1.0, cfg.clip_grad_norm / (norm + 1e-6))
+            clip_factors.append(factor)
             for i in backbone:
                 grads[i] = grads[i] * factor
         optimizer(tuple(grads))
         losses.append(shard_losses)
     params = {p.name: p.asnumpy() for p in net.trainable_params()}
-    np.savez(os.path.join(out, "reference.npz"), losses=np.array(losses), **params)
+    np.savez(os.path.join(out, "reference.npz"), losses=np.array(losses), clip_factors=np.array(clip_factors),
+             **params)
 
 
 if __name__ == "__main__":
