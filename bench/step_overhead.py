@@ -2,32 +2,27 @@
 
   python bench/step_overhead.py --network r50 --batch_size 16 --num_classes 1000 --rounds 3
 
-Times, in alternating rounds in one process, (a) the project's step: backbone + class-sharded head
-(normalised embeddings and centres, combined margin, log-sum-exp cross-entropy) + the one train-step
-cell (finiteness checks, skip logic) + SGD with the per-step lr array; (b) the bare step: the same
-backbone + a plain Dense(512 -> classes) + MindSpore's sparse softmax cross-entropy + nn.TrainOneStepCell
-with SGD. Both fp32, graph mode, the same batch, the loss read back once per round. Prints ms/step
-of each and the overhead of (a) over (b).
+Times (a) the project's step: backbone + class-sharded head (normalised embeddings and centres,
+combined margin, log-sum-exp cross-entropy) + the one train-step cell (finiteness checks, skip
+logic) + SGD with the per-step lr array, against (b) the bare step: the same backbone + a plain
+Dense(512 -> classes) + MindSpore's sparse softmax cross-entropy + nn.TrainOneStepCell with the same
+SGD (momentum, weight decay off BatchNorm). Both fp32, graph mode, the same batch. Each variant runs
+in a fresh process (MindSpore's CPU memory pool makes a second large graph in one process slower
+than the first, which would measure the order, not the step), alternating a and b for --rounds.
 """
 import argparse
+import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--network", default="r50")
-    parser.add_argument("--width", type=int, default=64)
-    parser.add_argument("--batch_size", type=int, default=16)
-    parser.add_argument("--num_classes", type=int, default=1000)
-    parser.add_argument("--steps", type=int, default=3, help="steps per round")
-    parser.add_argument("--rounds", type=int, default=3)
-    args = parser.parse_args(argv)
-
+def measure(variant, network, width, batch_size, num_classes, steps):
+    """ms per step of one variant, after the compilation step."""
     from src import runtime
     runtime.setup("CPU", seed=0, distributed=False)
     import mindspore as ms
@@ -36,6 +31,7 @@ def main(argv=None):
 
     from src.config import TrainConfig
     from src.models import get_backbone
+    from src.training.optim import build_optimizer
     from src.training.trainer import build_network, build_step
 
     class Bare(nn.Cell):
@@ -48,30 +44,141 @@ def main(argv=None):
         def construct(self, images, labels):
             return self.loss(self.fc(self.backbone(images)), labels)
 
-    cfg = TrainConfig(network=args.network, width=args.width)
-    ours = build_step(cfg, build_network(cfg, args.num_classes), np.full(10 ** 5, 0.01, np.float32), fp16=False)
-    bare_net = Bare(get_backbone(args.network, width=args.width), args.num_classes)
-    bare = nn.TrainOneStepCell(bare_net, nn.SGD(bare_net.trainable_params(), learning_rate=0.01, momentum=0.9))
+    cfg = TrainConfig(network=network, width=width)
+    lrs = np.full(steps + 2, 0.01, np.float32)
+    if variant == "ours":
+        step = build_step(cfg, build_network(cfg, num_classes), lrs, fp16=False)
+    else:
+        net = Bare(get_backbone(network, width=width), num_classes)
+        step = nn.TrainOneStepCell(net, build_optimizer(cfg, net, lrs))
     rng = np.random.default_rng(0)
-    x = ms.Tensor(rng.uniform(-1, 1, (args.batch_size, 3, 112, 112)).astype(np.float32))
-    y = ms.Tensor(rng.integers(0, args.num_classes, args.batch_size).astype(np.int32))
-    steps = {"ours": lambda: ours(x, y)[0], "bare": lambda: bare(x, y)}
-    for step in steps.values():  # compile
-        step().asnumpy()
-    times = {name: [] for name in steps}
-    for _ in range(args.rounds):
-        for name, step in steps.items():
-            tick = time.perf_counter()
-            for _ in range(args.steps):
-                loss = step()
-            loss.asnumpy()
-            times[name].append((time.perf_counter() - tick) / args.steps * 1000)
-    ours_ms, bare_ms = statistics.median(times["ours"]), statistics.median(times["bare"])
+    x = ms.Tensor(rng.uniform(-1, 1, (batch_size, 3, 112, 112)).astype(np.float32))
+    y = ms.Tensor(rng.integers(0, num_classes, batch_size).astype(np.int32))
+
+    def run():
+        out = step(x, y)
+        return out[0] if isinstance(out, tuple) else out
+    run().asnumpy()
+    tick, cpu = time.perf_counter(), _cpu_seconds()
+    for _ in range(steps):
+        loss = run()
+    loss.asnumpy()
+    return (time.perf_counter() - tick) / steps * 1000, (_cpu_seconds() - cpu) / steps * 1000
+
+
+def _cpu_seconds():
+    import resource
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def components(network, num_classes, batch_size, repeats=6):
+    """ms of the pieces ours adds, each alone: the head's forward + backward (against a Dense head),
+    and the finiteness check of a gradient set of `network`'s shapes (fresh tensors each call)."""
+    from src import runtime
+    runtime.setup("CPU", seed=0, distributed=False)
+    import mindspore as ms
+    import numpy as np
+    from mindspore import nn, ops
+
+    from src.heads.classifier import PartialFC
+    from src.heads.margin import CombinedMargin
+    from src.models import get_backbone
+    from src.training.step import _summed
+
+    class Dense(nn.Cell):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Dense(512, num_classes)
+            self.loss = nn.SoftmaxCrossEntropyWithLogits(sparse=True, reduction="mean")
+
+        def construct(self, embeddings, labels):
+            return self.loss(self.fc(embeddings), labels)
+
+    class OnFeatures(nn.Cell):  # a Dense "backbone" in front, trained by a plain TrainOneStepCell
+        def __init__(self, head):
+            super().__init__()
+            self.backbone, self.head = nn.Dense(512, 512), head
+
+        def construct(self, features, labels):
+            return self.head(self.backbone(features), labels)
+
+    rng = np.random.default_rng(0)
+    x = ms.Tensor(rng.normal(size=(batch_size, 512)).astype(np.float32))
+    y = ms.Tensor(rng.integers(0, num_classes, batch_size).astype(np.int32))
+    out = {}
+    for name, head in (("dense head", Dense()), ("our head", PartialFC(num_classes, 512, CombinedMargin(), rank=0,
+                                                                      world_size=1))):
+        net = OnFeatures(head)
+        step = nn.TrainOneStepCell(net, nn.SGD(net.trainable_params(), 0.01, 0.9))
+        step(x, y).asnumpy()
+        tick = time.perf_counter()
+        for _ in range(repeats * 5):
+            loss = step(x, y)
+        loss.asnumpy()
+        out[name] = (time.perf_counter() - tick) / (repeats * 5) * 1000
+    shapes = [p.shape for p in get_backbone(network).trainable_params()]
+    sets = [tuple(ms.Tensor(rng.random(shape, dtype=np.float32)) for shape in shapes) for _ in range(3)]
+
+    class Sums(nn.Cell):
+        def __init__(self):
+            super().__init__()
+            self.hyper_map = ops.HyperMap()
+
+        def construct(self, grads):
+            return ops.isfinite(ops.addn(self.hyper_map(_summed, grads)))
+
+    class AllFinite(nn.Cell):
+        def construct(self, grads):
+            return ms.amp.all_finite(grads)
+
+    checks = {"finiteness check (sums)": Sums(), "finiteness check (ms.amp.all_finite)": AllFinite()}
+    for name, check in checks.items():
+        check(sets[0]).asnumpy()
+        tick = time.perf_counter()
+        for i in range(repeats):
+            check(sets[i % 3]).asnumpy()
+        out[name] = (time.perf_counter() - tick) / repeats * 1000
+    return out
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--network", default="r50")
+    parser.add_argument("--width", type=int, default=64)
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--num_classes", type=int, default=1000)
+    parser.add_argument("--steps", type=int, default=4, help="timed steps per process")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--_variant", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args._variant:
+        result = (components(args.network, args.num_classes, args.batch_size) if args._variant == "components" else
+                  measure(args._variant, args.network, args.width, args.batch_size, args.num_classes, args.steps))
+        print(json.dumps(result))
+        return 0
+    env = dict(os.environ, ONEDNN_MAX_CPU_ISA=os.environ.get("ONEDNN_MAX_CPU_ISA", "AVX2"), GLOG_v="3")
+
+    def run(variant):
+        done = subprocess.run([sys.executable, os.path.abspath(__file__), "--_variant", variant, "--network",
+                               args.network, "--width", str(args.width), "--batch_size", str(args.batch_size),
+                               "--num_classes", str(args.num_classes), "--steps", str(args.steps)],
+                              env=env, capture_output=True, text=True, timeout=3600)
+        if done.returncode != 0:
+            raise SystemExit(done.stderr[-3000:])
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    rounds = [(run("ours"), run("bare")) for _ in range(args.rounds)]
     print(f"{args.network} width {args.width}, batch {args.batch_size}, {args.num_classes} classes, fp32, "
-          f"{args.rounds} alternating rounds of {args.steps} steps")
-    print(f"  ours: {ours_ms:.0f} ms/step  (rounds: {', '.join(f'{t:.0f}' for t in times['ours'])})")
-    print(f"  bare: {bare_ms:.0f} ms/step  (rounds: {', '.join(f'{t:.0f}' for t in times['bare'])})")
-    print(f"  overhead of ours: {100 * (ours_ms / bare_ms - 1):+.1f} %")
+          f"{args.rounds} alternating rounds of {args.steps} steps, one process each")
+    for i, what in enumerate(("wall", "CPU")):
+        ratios = [ours[i] / bare[i] for ours, bare in rounds]
+        per_round = ", ".join(f"{100 * (r - 1):+.1f}" for r in ratios)
+        print(f"  {what} ms/step: ours {statistics.median(o[i] for o, _ in rounds):.0f}, bare "
+              f"{statistics.median(b[i] for _, b in rounds):.0f}; overhead per round {per_round} %, "
+              f"median {100 * (statistics.median(ratios) - 1):+.1f} %")
+    parts = run("components")
+    print("  the pieces alone: " + ", ".join(f"{name} {value:.1f} ms" for name, value in parts.items()))
     return 0
 
 

@@ -195,3 +195,34 @@ def test_adamw_state_is_saved_and_restored(tmp_path):
     other(*batch(3))
     for mine, theirs in zip(first.get_parameters(), other.get_parameters()):
         np.testing.assert_allclose(mine.asnumpy(), theirs.asnumpy(), rtol=1e-6, atol=1e-7, err_msg=mine.name)
+
+
+@pytest.mark.parametrize("mode", [ms.PYNATIVE_MODE, ms.GRAPH_MODE])
+def test_the_finiteness_check_finds_one_bad_element_among_many(mode):
+    """The check sums each tensor instead of testing every element: one NaN, one Inf, or +Inf and -Inf
+    in different tensors (whose sum is NaN) must still be found, in fp32 and fp16; large finite values
+    are finite."""
+    ms.set_context(mode=mode)
+    _, step = tiny_step()
+
+    class Check(nn.Cell):
+        def construct(self, tensors):
+            return step.all_finite(tensors)
+
+    check = Check()
+
+    def finite(*arrays):
+        return bool(check(tuple(Tensor(a) for a in arrays)).asnumpy())
+
+    rng = np.random.default_rng(0)
+    for dtype in (np.float32, np.float16):
+        big = rng.normal(size=(64, 300)).astype(dtype) * (1e4 if dtype == np.float16 else 1e30)
+        small = rng.normal(size=(17,)).astype(dtype)
+        assert np.isfinite(big).all() and finite(big, small), dtype
+        for bad in (np.nan, np.inf, -np.inf):
+            spoiled = big.copy()
+            spoiled[40, 123] = bad
+            assert not finite(spoiled, small), (dtype, bad)
+        plus, minus = small.copy(), small.copy()
+        plus[3], minus[5] = np.inf, -np.inf
+        assert not finite(big, plus, minus)
