@@ -89,10 +89,13 @@ class Source:
         return f"{self.where(int(index))}: {why_undecodable(data)}"
 
     def dataset(self, num_shards=1, shard_id=0, shuffle=True, workers=1):
+        """(data, label, index) rows. One reader thread whatever `workers`: reading a sample's bytes
+        takes microseconds, and Python reader threads next to the Python decoder threads fight
+        over the GIL (two of each ran 2-6x slower than one reader; bench/README.md)."""
         import mindspore.dataset as ds
         shard = {"num_shards": num_shards, "shard_id": shard_id} if num_shards > 1 else {}
         return ds.GeneratorDataset(_RandomAccess(self), column_names=["data", "label", "index"], shuffle=shuffle,
-                                   num_parallel_workers=workers, python_multiprocessing=False, **shard)
+                                   num_parallel_workers=1, python_multiprocessing=False, **shard)
 
     def check_labels(self):
         """Raise an ArcFaceError naming the first sample whose label does not fit the declared classes."""
