@@ -24,6 +24,9 @@ import tempfile
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, ROOT)
 
+from src.cli import run_main  # noqa: E402
+from src.errors import ArcFaceError  # noqa: E402
+
 
 def free_port():
     with socket.socket() as sock:
@@ -75,7 +78,12 @@ def main(argv=None):
         done = subprocess.run(json.loads(args._launch), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
         return done.returncode
+    from src.models import check_backbone_options
+    check_backbone_options(args.network, width=args.width)  # one error line rather than a failed launch
     repos = [os.path.abspath(r) for r in (args.repo or [ROOT])]
+    for repo in repos:
+        if not os.path.isfile(os.path.join(repo, "train.py")):
+            raise ArcFaceError(f"--repo {repo}: no train.py there (give a checkout of this project)")
 
     from prettytable import PrettyTable
 
@@ -101,4 +109,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

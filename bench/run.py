@@ -27,6 +27,9 @@ import time
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, ROOT)
 
+from src.cli import run_main  # noqa: E402
+from src.errors import ArcFaceError  # noqa: E402
+
 
 def matmul_peak(n=4096, repeats=3):
     """GFLOP/s of a float32 n x n matmul (numpy's BLAS, all cores): the ceiling to compare with."""
@@ -148,7 +151,14 @@ def main(argv=None):
         print(json.dumps(measure_backbone(args._backbone, args.batch_size, args.num_classes, args.steps,
                                           args.width if args._backbone != "mbf" else 64)))
         return 0
-    workers = [int(w) for w in args.workers.split(",")]
+    from src.models import check_backbone_options
+    networks = args.networks.split(",")
+    for network in networks:  # one error line here rather than a failed worker process later
+        check_backbone_options(network, width=args.width if network != "mbf" else 64)
+    try:
+        workers = [int(w) for w in args.workers.split(",")]
+    except ValueError:
+        raise ArcFaceError(f"--workers takes comma-separated worker counts, not {args.workers!r}") from None
     if args._data:
         print(json.dumps(measure_data(workers)))
         return 0
@@ -157,7 +167,7 @@ def main(argv=None):
     peak = matmul_peak()
     print(f"single-precision matmul peak of this machine: {peak:.0f} GFLOP/s ({os.cpu_count()} cores)", flush=True)
     rows = []
-    for network in args.networks.split(","):
+    for network in networks:
         row = _in_subprocess(["--_backbone", network, "--batch_size", str(args.batch_size), "--num_classes",
                               str(args.num_classes), "--steps", str(args.steps), "--width", str(args.width)])
         row["train_share"] = row["train_ips"] * 3 * row["gflops"] / peak
@@ -195,4 +205,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -27,6 +27,8 @@ import time
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 
+from src.cli import run_main  # noqa: E402
+
 
 def measure(variant, network, width, batch_size, num_classes, steps):
     """(fastest step's wall ms, median CPU ms per step) of one variant, after the compilation step."""
@@ -81,19 +83,19 @@ def _cpu_seconds():
     return usage.ru_utime + usage.ru_stime
 
 
-def components(network, num_classes, batch_size, repeats=6):
+def components(network, width, num_classes, batch_size, repeats=6):
     """ms of the pieces ours adds, each alone: the head's forward + backward (against a Dense head),
     and the finiteness check of a gradient set of `network`'s shapes (fresh tensors each call)."""
     from src import runtime
     runtime.setup("CPU", seed=0, distributed=False)
     import mindspore as ms
     import numpy as np
-    from mindspore import nn, ops
+    from mindspore import nn
 
     from src.heads.classifier import PartialFC
     from src.heads.margin import CombinedMargin
     from src.models import get_backbone
-    from src.training.step import _summed
+    from src.training.step import all_finite
 
     class Dense(nn.Cell):
         def __init__(self):
@@ -126,17 +128,13 @@ def components(network, num_classes, batch_size, repeats=6):
             loss = step(x, y)
         loss.asnumpy()
         out[name] = (time.perf_counter() - tick) / (repeats * 5) * 1000
-    backbone = get_backbone(network)
+    backbone = get_backbone(network, width=width)
     gradient_shapes = [p.shape for p in backbone.trainable_params()]
     statistics_shapes = [p.shape for p in backbone.get_parameters() if not p.requires_grad]
 
     class Sums(nn.Cell):
-        def __init__(self):
-            super().__init__()
-            self.hyper_map = ops.HyperMap()
-
         def construct(self, grads):
-            return ops.isfinite(ops.addn(self.hyper_map(_summed, grads)))
+            return all_finite(grads)
 
     class AllFinite(nn.Cell):
         def construct(self, grads):
@@ -165,9 +163,14 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--_variant", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if not args._variant:  # one error line here rather than a failed worker process later
+        from src.models import check_backbone_options
+        check_backbone_options(args.network, width=args.width)
     if args._variant:
-        result = (components(args.network, args.num_classes, args.batch_size) if args._variant == "components" else
-                  measure(args._variant, args.network, args.width, args.batch_size, args.num_classes, args.steps))
+        if args._variant == "components":
+            result = components(args.network, args.width, args.num_classes, args.batch_size)
+        else:
+            result = measure(args._variant, args.network, args.width, args.batch_size, args.num_classes, args.steps)
         print(json.dumps(result))
         return 0
     env = dict(os.environ, ONEDNN_MAX_CPU_ISA=os.environ.get("ONEDNN_MAX_CPU_ISA", "AVX2"), GLOG_v="3")
@@ -196,4 +199,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

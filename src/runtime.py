@@ -57,10 +57,7 @@ def setup(device_target="CPU", device_id=0, mode="graph", seed=None, distributed
         else:
             ms.set_device(device_target, device_id)
     except (RuntimeError, ValueError) as exc:
-        # In a process that already ran kernels (a notebook, a test session) the device is fixed:
-        # fine when it is the one asked for.
-        if not ("has been initialized" in str(exc) and ms.get_context("device_target") == device_target):
-            raise ArcFaceError(f"cannot use device {device_target}:{device_id}: {str(exc).splitlines()[0]}") from None
+        raise ArcFaceError(f"cannot use device {device_target}:{device_id}: {str(exc).splitlines()[0]}") from None
     rank, group_size = 0, 1
     if distributed:
         from mindspore.communication import get_group_size, get_rank, init

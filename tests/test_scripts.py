@@ -74,3 +74,19 @@ def test_multi_node_variables_are_checked_and_passed_to_msrun(tmp_path):
     assert result.returncode == 0, result.stderr
     assert ("--worker_num=16 --local_worker_num=8 --node_rank=1 --master_addr=10.0.0.5 --master_port=9000"
             in result.stdout) and "--device_num 16" in result.stdout
+
+
+@pytest.mark.parametrize("args, named", [(["bench/run.py", "--networks", "r18,r999"], "unknown backbone 'r999'"),
+                                         (["bench/run.py", "--workers", "1,x"], "--workers"),
+                                         (["bench/step_overhead.py", "--network", "r999"], "unknown backbone 'r999'"),
+                                         (["bench/dp_speed.py", "--network", "r999"], "unknown backbone 'r999'"),
+                                         (["bench/dp_speed.py", "--repo", "/nonexistent-checkout"],
+                                          "/nonexistent-checkout: no train.py")])
+def test_benchmarks_refuse_bad_arguments_with_one_line(args, named):
+    """Checked before any worker process starts: one `error:` line, exit code 2, nothing measured."""
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable] + args, cwd=root, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr[-2000:]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and named in lines[0], lines
+    assert done.stdout == ""

@@ -86,6 +86,18 @@ def _summed_tensor(x):
     return ops.sum(ops.cast(x, ms.float32))
 
 
+_map = ops.HyperMap()
+
+
+def all_finite(tensors):
+    """True when no element of `tensors` (a non-empty tuple) is NaN or Inf. A NaN or Inf anywhere
+    makes that tensor's sum NaN or Inf; one sum per tensor takes ~70 ms for an r50's gradients on two
+    CPU cores where ms.amp.all_finite's element-wise test takes ~400 ms (bench/step_overhead.py). A
+    finite sum reaching Inf needs values near 1e38, i.e. a diverged run anyway."""
+    sums = _map(_summed, tensors)
+    return ops.isfinite(ops.addn(sums) if len(sums) > 1 else sums[0])  # CPU AddN needs two inputs
+
+
 _unscale = ops.MultitypeFuncGraph("_unscale")
 
 
@@ -164,13 +176,6 @@ class TrainStep(nn.Cell):
             self.micro_step = Parameter(Tensor(0, ms.int32), name="micro_step")
         self.one = Tensor([1], ms.int32)
 
-    def all_finite(self, tensors):
-        """True when no element of `tensors` is NaN or Inf. A NaN or Inf anywhere makes the sum NaN or
-        Inf, and one sum per tensor takes ~70 ms for an r50's gradients on two CPU cores where
-        ms.amp.all_finite's element-wise test takes ~400 ms (bench/step_overhead.py); a finite sum
-        reaching Inf needs values near 1e38, i.e. a diverged run anyway."""
-        return ops.isfinite(ops.addn(self.hyper_map(_summed, tensors)))
-
     def clip(self, grads):
         """torch.nn.utils.clip_grad_norm_ on the backbone's gradients: scaled by max_norm / (norm + 1e-6)
         when that is below 1."""
@@ -191,8 +196,8 @@ class TrainStep(nn.Cell):
         # Non-finite moving statistics cannot recover (they average themselves): report such a step
         # with a NaN loss, which the trainer treats as divergence whatever the loss scale.
         if self.statistics:
-            loss = ops.select(self.all_finite(self.statistics), loss, ops.full_like(loss, float("nan")))
-        finite = ops.logical_and(self.all_finite(grads), ops.isfinite(loss))
+            loss = ops.select(all_finite(self.statistics), loss, ops.full_like(loss, float("nan")))
+        finite = ops.logical_and(all_finite(grads), ops.isfinite(loss))
         bad = ops.cast(ops.logical_not(finite), ms.float32)
         if self.distributed:
             bad = self.all_reduce(bad)  # the head's gradients differ per rank: agree on skipping
