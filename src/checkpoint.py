@@ -1,4 +1,4 @@
-"""Checkpoint files: names, listing, atomic writes, reading, and loading a backbone from them.
+"""Checkpoint files: names, listing, writing, reading, and loading a backbone from them.
 
 A training checkpoint `ArcFace-<epoch>_<step>.ckpt` holds the parameters of the train-step cell
 (backbone, optimizer moments, optimizer global step, loss scale and, for a run on one rank, the
@@ -15,6 +15,7 @@ import mindspore as ms
 import numpy as np
 
 from src.errors import ArcFaceError
+from src.files import atomic_path
 
 CKPT_PREFIX = "ArcFace"
 _CKPT_RE = re.compile(rf"^{CKPT_PREFIX}-(\d+)_(\d+)\.ckpt$")
@@ -57,59 +58,20 @@ def non_finite_entries(entries):
             if value.dtype.kind == "f" and not np.isfinite(value).all()]
 
 
-TEMP_PREFIX = ".tmp-"
-_TEMP_RE = re.compile(r"^\.tmp-\d+-.+\.(ckpt|tmp)$")
-
-
 def save_checkpoint_atomic(entries, path, meta=None):
-    """Write a checkpoint of `entries` (a Cell or a list of {"name", "data"}) with `meta` entries.
+    """Write a checkpoint of `entries` (a Cell or a list of {"name", "data"}) with `meta` entries,
+    atomically (src.files: a crash leaves the previous checkpoint intact, a full disk is one error).
 
-    Refuses entries holding NaN/Inf: a diverged run must never replace good checkpoints. Writes to
-    a hidden temporary file in the same folder (MindSpore itself writes `<temp>.tmp` first and
-    renames it), syncs it to disk, renames it and syncs the folder: a crash or power loss during the
-    save leaves the previous checkpoint intact and no half-written file under the final name. A
-    failed write (a full disk) is one ArcFaceError and leaves no temporary file behind."""
+    Refuses entries holding NaN/Inf: a diverged run must never replace good checkpoints."""
     bad = non_finite_entries(entries)
     if bad:
         raise ArcFaceError(f"not saving {os.path.basename(path)}: {len(bad)} parameter(s) hold NaN/Inf "
                            f"(e.g. {bad[0]}); the run diverged, lower --lr or resume from an earlier checkpoint")
     if not path.endswith(".ckpt"):
         raise ArcFaceError(f"{path}: a checkpoint's name must end with .ckpt")
-    directory, name = os.path.split(path)
-    tmp = os.path.join(directory, f"{TEMP_PREFIX}{os.getpid()}-{name}")
-    temporaries = (tmp, tmp[:-len(".ckpt")] + ".tmp")
-    try:
-        meta = {META_PREFIX + key: value for key, value in (meta or {}).items()}
+    meta = {META_PREFIX + key: value for key, value in (meta or {}).items()}
+    with atomic_path(path, note="; the earlier checkpoints are intact") as tmp:
         ms.save_checkpoint(entries, tmp, append_dict=meta)
-        _fsync(tmp)
-        os.replace(tmp, path)
-        _fsync(directory or ".")
-    except OSError as exc:
-        raise ArcFaceError(f"cannot write {path}: {exc.strerror or exc}; the earlier checkpoints are intact") from None
-    finally:
-        for leftover in temporaries:
-            if os.path.exists(leftover):
-                os.remove(leftover)
-
-
-def _fsync(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def remove_stale_temporaries(directory):
-    """Delete what a killed save left behind (`.tmp-<pid>-<name>.ckpt` / `.tmp`). Call it only while
-    holding the folder's lock: another run's save in progress would look the same."""
-    removed = []
-    if os.path.isdir(directory):
-        for name in os.listdir(directory):
-            if _TEMP_RE.match(name):
-                os.remove(os.path.join(directory, name))
-                removed.append(name)
-    return removed
 
 
 def _meta_value(value):

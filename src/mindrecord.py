@@ -39,6 +39,7 @@ from src.data.sources import (  # noqa: E402
     scan,
 )
 from src.errors import ArcFaceError  # noqa: E402
+from src.files import atomic_write  # noqa: E402
 
 SCHEMA = {"image": {"type": "bytes"}, "label": {"type": "int32"}, "key": {"type": "int64"}}
 ROWS_PER_WRITE = 256
@@ -134,10 +135,9 @@ def convert(input_dir, output, shards=1, workers=4, skip_bad=False, overwrite=Fa
         raise ArcFaceError(f"{output}: writing MindRecord failed: {mindspore_message(exc)}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    np.save(os.path.join(output, CLASS_COUNTS_NAME), counts)
+    atomic_write(os.path.join(output, CLASS_COUNTS_NAME), lambda fh: np.save(fh, counts))
     h, w = first_size[0]
-    with open(os.path.join(output, "property"), "w", encoding="ascii") as fh:
-        fh.write(f"{num_classes},{h},{w}\n")
+    atomic_write(os.path.join(output, "property"), f"{num_classes},{h},{w}\n")
     for reason in bad:
         print(f"warning: skipped {reason}", file=sys.stderr)
     shard_files = [f for f in files if not f.endswith(".db")]

@@ -28,22 +28,7 @@ from src.cli import run_main  # noqa: E402
 from src.data.images import image_extension  # noqa: E402
 from src.data.sources import RecordIOSource, scan  # noqa: E402
 from src.errors import ArcFaceError  # noqa: E402
-
-
-def write_atomic(path, data):
-    """Write `data` to a hidden temporary file next to `path`, then rename it to `path`."""
-    folder, name = os.path.split(path)
-    tmp = os.path.join(folder, f".{name}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except OSError as exc:
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
-        raise ArcFaceError(f"cannot write {path}: {exc.strerror}") from None
+from src.files import atomic_write  # noqa: E402
 
 
 class Layout:
@@ -115,7 +100,7 @@ def convert(include, output, fmt="original", workers=8, skip_bad=False, no_progr
         data = sample.data
         if fmt == "png":
             data = cv2.imencode(".png", sample.image[:, :, ::-1])[1].tobytes()
-        write_atomic(layout.path(sample.index, data), data)
+        atomic_write(layout.path(sample.index, data), data, sync=False)
         written += 1
         written_bytes += len(data)
     for reason in bad:

@@ -218,7 +218,7 @@ def test_rec2jpg_resumes(tmp_path, base, capsys):
     assert "2 written" in summary and "34 skipped (already complete)" in summary, summary
     assert {p: p.read_bytes() for p in files} == before
     assert all(p.stat().st_mtime_ns == t for p, t in mtimes.items())  # untouched
-    assert not list(out.rglob(".*.tmp"))
+    assert not list(out.rglob(".tmp-*"))
 
 
 def test_rec2jpg_layouts_and_no_read_past_the_last_image(tmp_path, capsys):

@@ -226,6 +226,49 @@ def test_a_write_limit_in_a_real_run_is_one_error_line(tiny_data, tmp_path):
     assert not list(out.glob(".tmp-*")) and not list_checkpoints(str(out))
 
 
+ATOMIC_WRITERS = """
+import sys
+from src.data.bins import save_bin
+from src.data.recordio import write_face_dataset
+from src.errors import ArcFaceError
+from src.files import atomic_write
+folder = sys.argv[1]
+writers = {"set.bin": lambda path: save_bin(path, [b"x" * 300_000] * 2, [True]),
+           "config.yaml": lambda path: atomic_write(path, "epochs: 1\\n" * 50_000),
+           "rec/train.rec": lambda path: write_face_dataset(path[:-len("/train.rec")], [(b"x" * 300_000, 0)])}
+for name, write in writers.items():
+    try:
+        write(folder + "/" + name)
+        print(name, "written")
+    except ArcFaceError as exc:
+        print(f"error: {exc}")
+"""
+
+
+def test_every_atomic_write_keeps_the_earlier_file_and_no_temporary_on_a_full_disk(tmp_path):
+    """The one atomic write behind .bin sets, config.yaml and RecordIO sets: the kernel refuses to
+    write past a file-size limit (EFBIG) as a full disk refuses (ENOSPC); each is one error naming the
+    file, the earlier file stays as it was and no temporary file stays behind."""
+    (tmp_path / "rec").mkdir()
+    earlier = {"set.bin": b"earlier set", "config.yaml": b"epochs: 3\n", "rec/train.rec": b"earlier records"}
+    for name, data in earlier.items():
+        (tmp_path / name).write_bytes(data)
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+    done = subprocess.run([sys.executable, "-c", ATOMIC_WRITERS, str(tmp_path)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, preexec_fn=limit)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    assert len(lines) == 3 and all(line.startswith("error: cannot write ") and line.endswith("File too large")
+                                   for line in lines), done.stdout
+    for name, data in earlier.items():
+        assert (tmp_path / name).read_bytes() == data
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == ["config.yaml", "rec",
+                                                                                 "rec/train.rec", "set.bin"]
+
+
 @pytest.mark.slow
 def test_a_truncated_newest_checkpoint_is_skipped_with_a_warning(trained_run, tiny_data, tmp_path, capsys):
     out = tmp_path / "run"

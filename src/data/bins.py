@@ -23,6 +23,7 @@ import numpy as np
 
 from src.data.images import decode_image, resize, why_undecodable
 from src.errors import ArcFaceError
+from src.files import atomic_write
 from src.safe_pickle import Global, Placeholder, RefusedPickle, describe
 from src.safe_pickle import load as safe_load
 
@@ -372,10 +373,4 @@ def save_bin(path, images_bytes_list, issame_list):
             f"{path}: {len(images)} images but {len(issame)} issame flags "
             f"(expected {2 * len(issame)} images)"
         )
-    parent = os.path.dirname(path)
-    if parent:
-        os.makedirs(parent, exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        pickle.dump((images, issame), f, protocol=4)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: pickle.dump((images, issame), f, protocol=4))

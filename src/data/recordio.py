@@ -46,6 +46,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 
 from src.errors import ArcFaceError
+from src.files import atomic_path, atomic_write, temporary_name
 
 __all__ = [
     "RECORD_MAGIC",
@@ -850,58 +851,50 @@ def write_face_dataset(
     Samples are streamed to disk as they arrive, so input already ordered by class (an
     ImageFolder walk, another record dataset) needs memory only for one label per image.
     Unordered input is written in a first pass and reordered into the final file in a second
-    one. Files are written under temporary names and renamed at the end, so an interrupted
-    run never leaves a complete-looking dataset behind. Returns the number of classes.
+    one. Files are written atomically (src.files), so an interrupted run never leaves a
+    complete-looking dataset behind. Returns the number of classes.
     """
     folder = os.fspath(folder)
-    os.makedirs(folder, exist_ok=True)
     h, w = (int(v) for v in image_size)
     rec_path = os.path.join(folder, "train.rec")
     idx_path = os.path.join(folder, "train.idx")
-    tmp = [os.path.join(folder, f".train.{name}.tmp") for name in ("rec", "idx", "pass1.rec", "pass1.idx")]
-
-    def cleanup():
-        for path in tmp:
-            try:
-                os.remove(path)
-            except FileNotFoundError:
-                pass
-
+    # The first pass of unordered input, reordered into the final files by the second pass.
+    scratch = [temporary_name(os.path.join(folder, name)) for name in ("pass1.rec", "pass1.idx")]
     try:
-        labels = array.array("q")
-        ordered = True
-        with IndexedRecordWriter(tmp[0], tmp[1]) as writer:
-            writer.write(0, _header_placeholder())
-            for n, (image, label) in enumerate(samples):
-                class_id = _checked_class_id(label, f"{folder}: sample {n}")
-                if labels and class_id < labels[-1]:
-                    ordered = False
-                labels.append(class_id)
-                writer.write(n + 1, pack_header(float(class_id), id=n + 1) + bytes(image))
-            if not labels:
-                raise ArcFaceError(f"{folder}: no samples to write")
-            counts = np.bincount(np.asarray(labels, dtype=np.int64))
-            if ordered:
-                _write_identity_records(writer, counts)
-        if not ordered:
-            # Keys 1..N hold the samples in arrival order: reorder them by class into a new file.
-            os.replace(tmp[0], tmp[2])
-            os.replace(tmp[1], tmp[3])
-            order = np.argsort(np.asarray(labels, dtype=np.int64), kind="stable")
-            with IndexedRecordReader(tmp[2], tmp[3]) as reader, IndexedRecordWriter(tmp[0], tmp[1]) as writer:
+        with atomic_path(rec_path) as rec_tmp, atomic_path(idx_path) as idx_tmp:
+            labels = array.array("q")
+            ordered = True
+            with IndexedRecordWriter(rec_tmp, idx_tmp) as writer:
                 writer.write(0, _header_placeholder())
-                for key, old in enumerate(order.tolist(), start=1):
-                    _, image = unpack_record(reader.read(old + 1), f"{tmp[2]}: key {old + 1}")
-                    writer.write(key, pack_header(float(labels[old]), id=key) + image)
-                _write_identity_records(writer, counts)
-        num_images, num_classes = len(labels), len(counts)
-        _patch_header(tmp[0], num_images, num_classes)
-        os.replace(tmp[1], idx_path)
-        os.replace(tmp[0], rec_path)
+                for n, (image, label) in enumerate(samples):
+                    class_id = _checked_class_id(label, f"{folder}: sample {n}")
+                    if labels and class_id < labels[-1]:
+                        ordered = False
+                    labels.append(class_id)
+                    writer.write(n + 1, pack_header(float(class_id), id=n + 1) + bytes(image))
+                if not labels:
+                    raise ArcFaceError(f"{folder}: no samples to write")
+                counts = np.bincount(np.asarray(labels, dtype=np.int64))
+                if ordered:
+                    _write_identity_records(writer, counts)
+            if not ordered:
+                # Keys 1..N hold the samples in arrival order: reorder them by class into a new file.
+                os.replace(rec_tmp, scratch[0])
+                os.replace(idx_tmp, scratch[1])
+                order = np.argsort(np.asarray(labels, dtype=np.int64), kind="stable")
+                with IndexedRecordReader(*scratch) as reader, IndexedRecordWriter(rec_tmp, idx_tmp) as writer:
+                    writer.write(0, _header_placeholder())
+                    for key, old in enumerate(order.tolist(), start=1):
+                        _, image = unpack_record(reader.read(old + 1), f"{scratch[0]}: key {old + 1}")
+                        writer.write(key, pack_header(float(labels[old]), id=key) + image)
+                    _write_identity_records(writer, counts)
+            num_images, num_classes = len(labels), len(counts)
+            _patch_header(rec_tmp, num_images, num_classes)
     finally:
-        cleanup()
-    with open(os.path.join(folder, "property"), "w", encoding="ascii") as f:
-        f.write(f"{num_classes},{h},{w}\n")
+        for path in scratch:
+            if os.path.exists(path):
+                os.remove(path)
+    atomic_write(os.path.join(folder, "property"), f"{num_classes},{h},{w}\n")
     return num_classes
 
 

@@ -11,6 +11,7 @@ import sys
 import numpy as np
 
 from src.errors import ArcFaceError
+from src.files import atomic_path
 
 
 class MindSporeEmbedder:
@@ -125,9 +126,8 @@ def cached_onnx(path, arch, params, cache_dir=None, log=print):
     log(f"exporting {stem} to ONNX for ONNX Runtime (once; cached in {folder})")
     backbone = _build(arch)
     load_backbone(backbone, path, params)
-    tmp = os.path.join(folder, f".tmp-{os.getpid()}-{stem}")
-    written = export_backbone(backbone, tmp, "ONNX")
-    os.replace(written, target)
+    with atomic_path(target) as tmp:
+        export_backbone(backbone, tmp, "ONNX")
     for old in glob.glob(os.path.join(glob.escape(folder), glob.escape(stem) + ".*.onnx")):
         if old != target:
             os.remove(old)

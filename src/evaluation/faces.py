@@ -23,6 +23,7 @@ from src.data.sources import ImageFolderSource, parallel_map
 from src.errors import ArcFaceError
 from src.evaluation.ijb import align_face
 from src.evaluation.verification import embed_pairs, evaluate, l2_normalize
+from src.files import atomic_write
 
 # Cosine threshold when none is given or calibrated: squared distance 1.4. Published ArcFace
 # ResNets trained on MS1M-scale data separate same/different around cosine 0.28-0.36; a model of
@@ -307,31 +308,12 @@ def check_outputs(output, overwrite):
             raise ArcFaceError(f"{path} exists; pass --overwrite to replace it")
 
 
-def write_atomic(path, write):
-    """write(binary file) into a temporary file beside `path`, then rename it over `path`: an
-    interrupted run leaves the earlier file or none, never half of one."""
-    folder, name = os.path.split(os.path.abspath(path))
-    tmp = os.path.join(folder, f".tmp-{os.getpid()}-{name}")
-    try:
-        os.makedirs(folder, exist_ok=True)
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise ArcFaceError(f"cannot write {path}: {exc.strerror or exc}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def save_embeddings(output, paths, embeddings):
     """EMB.npy (float32, one row per image) and EMB.txt (the image paths in row order)."""
     npy, txt = output_files(output)
     text = "".join(f"{path}\n" for path in paths).encode("utf-8", "surrogateescape")
-    write_atomic(txt, lambda f: f.write(text))
-    write_atomic(npy, lambda f: np.save(f, np.asarray(embeddings, dtype=np.float32)))
+    atomic_write(txt, lambda f: f.write(text))
+    atomic_write(npy, lambda f: np.save(f, np.asarray(embeddings, dtype=np.float32)))
 
 
 # --- comparing ------------------------------------------------------------------------------------
@@ -441,7 +423,7 @@ def _read_cache(path, model_key, warn):
 
 def _write_cache(path, model_key, names, stamps, embeddings):
     rows = [i for i, name in enumerate(names) if name in embeddings]
-    write_atomic(path, lambda f: np.savez(f, model=np.array(model_key), files=np.array([names[i] for i in rows]),
+    atomic_write(path, lambda f: np.savez(f, model=np.array(model_key), files=np.array([names[i] for i in rows]),
                                           stamps=stamps[rows], embeddings=np.stack([embeddings[names[i]]
                                                                                     for i in rows])))
 

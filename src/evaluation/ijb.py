@@ -38,6 +38,7 @@ import numpy as np
 from src.data.images import decode_image
 from src.errors import ArcFaceError
 from src.evaluation.verification import embed_pairs
+from src.files import atomic_write
 
 __all__ = [
     "ARCFACE_TEMPLATE",
@@ -602,7 +603,7 @@ def evaluate_ijb_features(features, meta, target, result_dir, job=None, log=prin
     scores = pair_scores(templates, feats, meta.p1, meta.p2)
     os.makedirs(result_dir, exist_ok=True)
     score_path = os.path.join(result_dir, f"{target}_scores.npy")
-    np.save(score_path, scores.astype(np.float32))
+    atomic_write(score_path, lambda fh: np.save(fh, scores.astype(np.float32)))
 
     fpr, tpr, tars = tar_at_far(meta.labels, scores)
     log(format_table({name: tars}))

@@ -20,11 +20,12 @@ from dataclasses import dataclass
 import mindspore as ms
 
 from src import runtime
-from src.checkpoint import MODEL_KEYS, checkpoint_position, list_checkpoints, read_checkpoint, remove_stale_temporaries
+from src.checkpoint import MODEL_KEYS, checkpoint_position, list_checkpoints, read_checkpoint
 from src.config import read_record, record_text, resume_config, validate
 from src.data.pipeline import checked_iterator, create_train_dataset
 from src.data.sources import open_source, resolve_num_classes
 from src.errors import ArcFaceError
+from src.files import atomic_write, remove_stale_temporaries
 from src.heads.classifier import PartialFC
 from src.heads.margin import CombinedMargin
 from src.models import apply_init, get_backbone
@@ -161,11 +162,7 @@ def write_record(run, source):
     header = [f"written by train.py on {time.strftime('%Y-%m-%d %H:%M:%S')}: the resolved configuration of this run",
               f"{run.rt.group_size} x {run.cfg.device_target}; data: {source.kind}, {len(source)} images, "
               f"{run.cfg.num_classes} classes" + (f"; resumed from {run.resume_path}" if run.resume_path else "")]
-    path = os.path.join(run.output_dir, "config.yaml")
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(record_text(run.cfg, header))
-    os.replace(tmp, path)
+    atomic_write(os.path.join(run.output_dir, "config.yaml"), record_text(run.cfg, header))
 
 
 def resolve_amp(cfg):
