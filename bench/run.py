@@ -63,6 +63,7 @@ def measure_backbone(network, batch_size, num_classes, steps, width):
     from src.deploy.exporting import export_backbone
     from src.evaluation.embedders import OnnxEmbedder
     from src.models.flops import gmacs
+    from src.training.lr_schedule import LRSchedule
     from src.training.trainer import build_network, build_step
 
     cfg = TrainConfig(network=network, width=width)
@@ -71,7 +72,7 @@ def measure_backbone(network, batch_size, num_classes, steps, width):
     # Learning rate 0: the step does all its work, but the weights stay put, so the figure does not
     # depend on where a few random-data updates moved them (PReLU's CPU kernels run at a
     # data-dependent speed; see bench/README.md).
-    step = build_step(cfg, net, np.zeros(steps + 2, np.float32), fp16=False)
+    step = build_step(cfg, net, LRSchedule.constant(0.0), fp16=False)
     step.set_train(True)
     rng = np.random.default_rng(0)
     x = ms.Tensor(rng.uniform(-1, 1, (batch_size, 3, 112, 112)).astype(np.float32))

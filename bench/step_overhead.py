@@ -40,6 +40,7 @@ def measure(variant, network, width, batch_size, num_classes, steps):
 
     from src.config import TrainConfig
     from src.models import get_backbone
+    from src.training.lr_schedule import LRSchedule
     from src.training.optim import build_optimizer
     from src.training.trainer import build_network, build_step
 
@@ -54,7 +55,7 @@ def measure(variant, network, width, batch_size, num_classes, steps):
             return self.loss(self.fc(self.backbone(images)), labels)
 
     cfg = TrainConfig(network=network, width=width)
-    lrs = np.zeros(steps + 2, np.float32)
+    lrs = LRSchedule.constant(0.0)
     if variant == "ours":
         step = build_step(cfg, build_network(cfg, num_classes), lrs, fp16=False)
     else:

@@ -8,7 +8,12 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+import mindspore as ms  # noqa: E402
 import pytest  # noqa: E402
+
+# The device is chosen before any test runs a kernel: MindSpore refuses to choose it afterwards, and
+# tests that call runtime.setup (as the doors do) may run after tests that computed something.
+ms.set_device("CPU")
 
 # A narrow iresnet18 and a handful of identities: a few seconds per epoch on two cores.
 TINY_TRAIN_ARGS = ["--network", "r18", "--width", "8", "--batch_size", "8", "--epochs", "4",

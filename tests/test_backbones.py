@@ -8,8 +8,6 @@ from mindspore import nn
 from src.errors import ArcFaceError
 from src.models import BACKBONES, IRESNETS, canonical_name, get_backbone
 
-ms.set_device("CPU")
-
 # Parameter counts of the reference (insightface arcface_torch) models, i.e. every learnable
 # tensor including the frozen scale of the IResNet embedding BatchNorm.
 REFERENCE_PARAMS = {

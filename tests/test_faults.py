@@ -270,6 +270,21 @@ def test_every_atomic_write_keeps_the_earlier_file_and_no_temporary_on_a_full_di
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("schedule", ["poly", "cosine", "step"])
+def test_a_billion_epochs_cost_no_memory(tiny_data, tmp_path, schedule):
+    """The learning rate is a formula of the step: --epochs 1e9 with --max_steps 2 trains two steps under
+    an 8 GiB address-space limit (a per-step table would take 64 GB here, 90 TB for MS1MV2)."""
+    def limit():
+        resource.setrlimit(resource.RLIMIT_AS, (8 << 30, 8 << 30))
+    command = [sys.executable, str(ROOT / "train.py"), "--data_url", str(tiny_data[0]), "--train_url",
+               str(tmp_path / "out"), "--epochs", "1000000000", "--max_steps", "2", "--lr_schedule", schedule,
+               "--warmup_epochs", "0.5"] + SHORT
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, preexec_fn=limit)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "epoch: 1 step: 2, loss is" in done.stdout and list_checkpoints(str(tmp_path / "out"))
+
+
+@pytest.mark.slow
 def test_a_truncated_newest_checkpoint_is_skipped_with_a_warning(trained_run, tiny_data, tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()

@@ -9,8 +9,6 @@ from src.errors import ArcFaceError
 from src.models import get_backbone
 from src.models.flops import gmacs
 
-ms.set_device("CPU")
-
 
 def vit_macs(embed_dim, depth, num_features=512, patches=144, patch=9):
     """insightface's ViT cost from its layer shapes: patch conv, per block qkv/proj/fc1/fc2 Linear

@@ -9,6 +9,7 @@ from mindspore import Tensor, nn
 from src.config import TrainConfig
 from src.heads.classifier import PartialFC
 from src.heads.margin import CombinedMargin
+from src.training.lr_schedule import LRSchedule
 from src.training.optim import AdamW, build_optimizer, parameter_groups
 from src.training.step import BackboneWithHead, TrainStep, all_finite
 
@@ -162,10 +163,10 @@ def test_recipe_options_reach_the_network_and_the_step():
                       clip_grad_norm=5.0, gradient_acc=3, init="torch")
     net = build_network(cfg, 10)
     assert net.head.margin.straight and net.head.margin.filter_threshold == 0.4 and net.head.margin.m3 == 0.4
-    step = build_step(cfg, net, np.full(4, 1e-3, np.float32), fp16=False)
+    step = build_step(cfg, net, LRSchedule.constant(1e-3), fp16=False)
     assert isinstance(step.optimizer, AdamW) and step.clip_norm == 5.0 and step.accumulate == 3
     assert all(wd == pytest.approx(0.1) for wd in step.optimizer.decays)  # BatchNorm decayed too
-    sgd = build_optimizer(TrainConfig(network="r18", width=8), net, np.full(4, 0.1, np.float32))
+    sgd = build_optimizer(TrainConfig(network="r18", width=8), net, LRSchedule.constant(0.1))
     assert isinstance(sgd, nn.SGD)
 
 

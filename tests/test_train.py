@@ -15,6 +15,7 @@ from src.checkpoint import list_checkpoints, read_checkpoint, save_checkpoint_at
 from src.cli import run_main
 from src.errors import ArcFaceError
 from src.training.callbacks import CheckpointSaver
+from src.training.lr_schedule import LRSchedule
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -156,12 +157,13 @@ def test_loop_reads_results_at_sync_points_and_stops_on_divergence():
     """Results are read only at sync points (log interval 2, a save every 3 steps, epoch ends); skipped
     fp16 steps are counted; a non-finite step at loss scale 1 stops training, naming it, before any
     later save."""
-    from src.training.trainer import run_loop
+    from src.training.loop import Schedule, run_loop
     ok, skip, bad = (1.0, False, 4.0), (1.2, True, 4.0), (float("nan"), True, 1.0)
     recorder = Recorder(interval=3)
+    schedule = Schedule(steps_per_epoch=4, total_steps=9, start_step=0, global_batch=8,
+                        lr=LRSchedule.constant(0.1), log_interval=2)
     with pytest.raises(ArcFaceError, match=r"not finite \(loss nan\) at epoch 2 step 3 \(global step 7\)"):
-        run_loop(FakeStep([ok, skip, ok, ok, ok, ok, bad, ok, ok]), FakeDataset(4), np.full(9, 0.1, np.float32),
-                 0, 9, 4, 8, [recorder], log_interval=2)
+        run_loop(FakeStep([ok, skip, ok, ok, ok, ok, bad, ok, ok]), FakeDataset(4), schedule, [recorder])
     assert recorder.synced == [(2, 2, 1, 4.0), (3, 1, 0, 4.0), (4, 1, 0, 4.0), (6, 2, 0, 4.0)]
     assert recorder.saved == [3, 6]
 
@@ -171,7 +173,7 @@ def test_sunk_blocks_of_steps_are_read_at_their_ends(monkeypatch, capsys):
     the block's steps and reads the last one's results at its end. (On the CPU it is refused.)"""
     import mindspore as ms
 
-    from src.training.trainer import run_loop
+    from src.training.loop import Schedule, run_loop
     calls = []
 
     def data_sink(fn, dataset, sink_size):
@@ -183,10 +185,11 @@ def test_sunk_blocks_of_steps_are_read_at_their_ends(monkeypatch, capsys):
         return run
     monkeypatch.setattr(ms, "data_sink", data_sink)
     recorder = Recorder(interval=0)
-    state = run_loop(FakeStep([(1.0, False, 4.0)] * 12), FakeDataset(4), np.linspace(0.1, 1.2, 12).astype(np.float32),
-                     0, 12, 4, 8, [recorder], log_interval=1, sink_size=4)
+    schedule = Schedule(steps_per_epoch=4, total_steps=12, start_step=0, global_batch=8,
+                        lr=LRSchedule("poly", 1.2, 4, 3), log_interval=1, sink_size=4)
+    state = run_loop(FakeStep([(1.0, False, 4.0)] * 12), FakeDataset(4), schedule, [recorder])
     assert calls == [4, 4, 4] and recorder.synced == [(4, 4, 0, 4.0), (8, 4, 0, 4.0), (12, 4, 0, 4.0)]
-    assert state.global_step == 12 and state.lr == pytest.approx(1.2) and state.epoch == 3
+    assert state.global_step == 12 and state.lr == pytest.approx(1.2 / 12) and state.epoch == 3
     assert run_main(train.main, ["--sink_size", "4", "--data_url", "x"]) == 2
     assert "--sink_size needs --device_target GPU or Ascend" in capsys.readouterr().err
 

@@ -9,8 +9,6 @@ from src.errors import ArcFaceError
 from src.models import VIT_EMBED_DIMS, VIT_HEADS, VITS, canonical_name, get_backbone
 from src.models.vit import VIT_CONFIGS, DropPath, VisionTransformer
 
-ms.set_device("CPU")
-
 # insightface arcface_torch backbones/__init__.py get_model:
 # name: (embed_dim, depth, num_heads, drop_path_rate, mask_ratio); all norm_layer="ln", patch 9, mlp_ratio 4.
 PUBLISHED = {

@@ -1,7 +1,7 @@
 """What happens around the training steps: log lines, progress bar, metrics, checkpoints, evaluation.
 
 The loop reads the step results back from the device only at sync points (log lines, checkpoints,
-evaluations, epoch ends; see src.training.trainer.run_loop). Callbacks get `on_step(global_step, steps)`
+evaluations, epoch ends; see src.training.loop). Callbacks get `on_step(global_step, steps)`
 after every call to the device (host-only work such as the progress bar), `due(global_step)` to ask for a sync,
 and at each sync `on_sync(state)` with a `SyncState`; then `on_epoch_end` and `on_train_end`.
 """

@@ -1,8 +1,8 @@
 """The optimizer of a run: SGD with momentum (model zoo, arcface_torch's CNN recipes) or AdamW
 (arcface_torch's ViT recipes), and which parameters it decays.
 
-Both read their learning rate from the per-step array (src.training.lr_schedule) at their own
-`global_step`, which the train step advances every iteration.
+Both evaluate the learning-rate schedule (src.training.lr_schedule) at their own `global_step`,
+which the train step advances every iteration.
 """
 import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
@@ -43,7 +43,7 @@ def _adamw_update_tensor(lr, step_size, bias2_sqrt, eps, weight_decay, param, m,
 
 class AdamW(nn.Optimizer):
     """PyTorch's AdamW: decoupled weight decay (p <- p (1 - lr wd)) and bias-corrected moments, betas
-    (0.9, 0.999), eps 1e-8, with the per-step learning rate array of nn.Optimizer.
+    (0.9, 0.999), eps 1e-8, with nn.Optimizer's dynamic learning rate.
 
     nn.AdamWeightDecay has no bias correction, which makes its first ~1000 updates about 3x larger
     than arcface_torch's; the mint/experimental AdamW set the rate from the host every step."""
@@ -71,10 +71,10 @@ class AdamW(nn.Optimizer):
                               self.parameters, self.moment1, self.moment2, gradients)
 
 
-def build_optimizer(cfg, net, lr_per_step):
-    """The optimizer the config names; its learning rate is indexed by its own step counter."""
+def build_optimizer(cfg, net, lr_schedule):
+    """The optimizer the config names; it evaluates `lr_schedule` (an LRSchedule) at its own step counter."""
     groups = parameter_groups(net, cfg.weight_decay, cfg.weight_decay_bn)
-    lr = Tensor(lr_per_step)
+    lr = lr_schedule.cell()
     if cfg.optimizer == "adamw":
         return AdamW(groups, lr)
     return nn.SGD(groups, learning_rate=lr, momentum=cfg.momentum)

@@ -25,7 +25,8 @@ from src.heads import sharding
 
 logger = logging.getLogger("arcface")
 
-# Rebuilt from the config on every start, so a resumed run may change --epochs or --lr.
+# The per-step rate table that checkpoints of earlier versions hold: the schedule is rebuilt from the
+# config on every start (so a resumed run may change --epochs or --lr), never read from a file.
 NOT_RESTORED = ("learning_rate",)
 # Loss-scaling state: absent from fp32 checkpoints, so an fp32 run can resume with fp16 (defaults).
 OPTIONAL = ("scale_sense", "current_iterator_step", "last_overflow_iterator_step")

@@ -1,4 +1,4 @@
-"""Training: one function, `train(cfg)`, in named phases that read top to bottom, and the loop.
+"""Training: one function, `train(cfg)`, in named phases that read top to bottom.
 
   set-up     device, ranks, the output folder's lock, stale files, logging
   record     --resume: the checkpoint to continue and the configuration it recorded (or, with
@@ -8,12 +8,10 @@
   step       optimizer, learning rates, the one train-step cell
   restore    weights / optimizer / step from --resume, or weights from --ckpt_url
   callbacks  log lines, metrics, checkpoints, evaluation, curve
-  loop       steps until the end; results are read back from the device only at sync points
+  loop       steps until the end (src.training.loop)
 """
 import logging
-import math
 import os
-import signal
 import time
 from dataclasses import dataclass
 
@@ -22,7 +20,7 @@ import mindspore as ms
 from src import runtime
 from src.checkpoint import MODEL_KEYS, checkpoint_position, list_checkpoints, read_checkpoint
 from src.config import read_record, record_text, resume_config, validate
-from src.data.pipeline import checked_iterator, create_train_dataset
+from src.data.pipeline import create_train_dataset
 from src.data.sources import open_source, resolve_num_classes
 from src.errors import ArcFaceError
 from src.files import atomic_write, remove_stale_temporaries
@@ -35,13 +33,13 @@ from src.training.callbacks import (
     CheckpointSaver,
     CurvePlotter,
     LossMonitor,
-    SyncState,
     VerificationMonitor,
     best_eval_score,
     setup_logging,
 )
 from src.training.lock import RunLock
-from src.training.lr_schedule import learning_rates, scaled_lr
+from src.training.loop import Schedule, run_loop
+from src.training.lr_schedule import LRSchedule, scaled_lr
 from src.training.optim import build_optimizer
 from src.training.state import CheckpointWriter, initialise, latest_resumable, restore, set_aside
 from src.training.step import BackboneWithHead, TrainStep
@@ -182,8 +180,8 @@ def build_network(cfg, num_classes, fp16=False):
     return BackboneWithHead(backbone, head)
 
 
-def build_step(cfg, net, lr_per_step, fp16):
-    return TrainStep(net, build_optimizer(cfg, net, lr_per_step), fp16=fp16, clip_norm=cfg.clip_grad_norm,
+def build_step(cfg, net, lr_schedule, fp16):
+    return TrainStep(net, build_optimizer(cfg, net, lr_schedule), fp16=fp16, clip_norm=cfg.clip_grad_norm,
                      accumulate=cfg.gradient_acc)
 
 
@@ -271,9 +269,9 @@ def _train(run, given):
     fp16 = resolve_amp(cfg)
     net = build_network(cfg, cfg.num_classes, fp16=fp16)
     lr = scaled_lr(cfg.lr, cfg.batch_size, run.rt.group_size)
-    lr_per_step = learning_rates(cfg.lr_schedule, lr, steps_per_epoch, cfg.epochs, cfg.schedule, cfg.gamma,
-                                 cfg.warmup_epochs)
-    step = build_step(cfg, net, lr_per_step, fp16)
+    lr_schedule = LRSchedule(cfg.lr_schedule, lr, steps_per_epoch, cfg.epochs, cfg.schedule, cfg.gamma,
+                             cfg.warmup_epochs)
+    step = build_step(cfg, net, lr_schedule, fp16)
 
     start_step = restore_state(run, net, step)
     if start_step >= total_steps:
@@ -284,151 +282,6 @@ def _train(run, given):
 
     logger.info(describe_run(run, source, steps_per_epoch, lr, fp16, gmacs(net.backbone)))
     callbacks = build_callbacks(run, net, step)
-    # A scheduler's SIGTERM is handled like Ctrl-C: the last completed step is saved.
-    previous_handler = signal.signal(signal.SIGTERM, _raise_terminated)
-    try:
-        return run_loop(step, dataset, lr_per_step, start_step, total_steps, steps_per_epoch,
-                        cfg.batch_size * run.rt.group_size, callbacks, cfg.log_interval, cfg.sink_size)
-    finally:
-        signal.signal(signal.SIGTERM, previous_handler)
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, handled like Ctrl-C: from a job scheduler, from the launcher, or from MindSpore's
-    cluster manager when another rank or node stopped answering (the ranks then stop within the
-    cluster time-out instead of waiting in a collective forever)."""
-
-
-def _raise_terminated(signum, frame):
-    raise Terminated
-
-
-# --- the loop -------------------------------------------------------------------------------------
-
-class _Pending:
-    """Step results still on the device: read back together at the next sync point."""
-
-    def __init__(self, lr_per_step, steps_per_epoch, total_steps, global_batch):
-        self.lr_per_step, self.steps_per_epoch = lr_per_step, steps_per_epoch
-        self.total_steps, self.global_batch = total_steps, global_batch
-        self.results, self.steps = [], 0
-        self.since = time.perf_counter()
-
-    def add(self, global_step, output, steps=1):
-        """The results of the step `global_step`, the last of `steps` steps run since the last add."""
-        self.results.append((global_step, output))
-        self.steps += steps
-
-    def read(self):
-        """Read the pending results: a SyncState for the last step, or an ArcFaceError naming the
-        first step that diverged: a non-finite loss, or gradients not finite at loss scale 1 (such a
-        step was not applied, so the parameters are those before it)."""
-        skipped, loss, scale = 0, None, 1.0
-        for global_step, (loss_t, overflow_t, scale_t) in self.results:
-            loss, overflow, scale = float(loss_t.asnumpy()), bool(overflow_t.asnumpy()), float(scale_t.asnumpy())
-            if not math.isfinite(loss) or (overflow and scale <= 1.0):
-                epoch, step_in_epoch = divmod(global_step - 1, self.steps_per_epoch)
-                raise ArcFaceError(
-                    f"the loss or the gradients are not finite (loss {loss:g}) at epoch {epoch + 1} step "
-                    f"{step_in_epoch + 1} (global step {global_step}): the run diverged; training stopped, "
-                    f"no checkpoint written after it; lower --lr or resume from the last checkpoint")
-            skipped += overflow
-        global_step = self.results[-1][0]
-        now = time.perf_counter()
-        epoch, step_in_epoch = divmod(global_step - 1, self.steps_per_epoch)
-        state = SyncState(epoch + 1, step_in_epoch + 1, global_step, self.steps_per_epoch, self.total_steps, loss,
-                          float(self.lr_per_step[global_step - 1]), self.steps, now - self.since,
-                          self.global_batch, skipped, scale)
-        self.results, self.steps, self.since = [], 0, now
-        return state
-
-
-def step_blocks(train_step, dataset, start_step, total_steps, steps_per_epoch, sink_size=0):
-    """(number of steps, results of the last one) per call to the device: one step fed from the host,
-    or `sink_size` steps that MindSpore's data sink runs on the device from the dataset itself
-    (GPU/Ascend only), as the model zoo trains."""
-    repeats = math.ceil((total_steps - start_step) / steps_per_epoch)
-    if sink_size:
-        sink = ms.data_sink(train_step, dataset.repeat(repeats), sink_size=sink_size)
-        while True:
-            yield sink_size, sink()
-    for images, labels in checked_iterator(dataset.repeat(repeats).create_tuple_iterator(num_epochs=1)):
-        yield 1, train_step(images, labels)
-
-
-def run_loop(train_step, dataset, lr_per_step, start_step, total_steps, steps_per_epoch, global_batch, callbacks,
-             log_interval=1, sink_size=0):
-    """Step until total_steps. The data pipeline is one stream repeated as often as needed, so a
-    run resumed mid-epoch simply continues; epoch and step numbers derive from the global step.
-    Step results are read back only at sync points: log lines, checkpoints, evaluations, epoch
-    ends and the end (with a data sink: at the end of every sunk block of steps)."""
-    train_step.set_train(True)
-    pending = _Pending(lr_per_step, steps_per_epoch, total_steps, global_batch)
-    global_step, state = start_step, None
-    if start_step == 0:
-        logger.info("compiling the training graph (the first step takes longer)")
-    distributed = getattr(train_step, "distributed", False)
-    blocks = step_blocks(train_step, dataset, start_step, total_steps, steps_per_epoch, sink_size)
-    try:
-        while True:
-            try:
-                count, output = next(blocks)
-            except StopIteration:
-                break
-            except RuntimeError as exc:
-                if not distributed:
-                    raise
-                raise _rank_lost(exc, global_step + 1) from None
-            global_step += count
-            pending.add(global_step, output, count)
-            for cb in callbacks:
-                cb.on_step(global_step, count)
-            step_in_epoch = (global_step - 1) % steps_per_epoch + 1
-            epoch_end = step_in_epoch == steps_per_epoch
-            if (count > 1 or step_in_epoch % log_interval == 0 or epoch_end or global_step >= total_steps
-                    or any(cb.due(global_step) for cb in callbacks)):
-                state = pending.read()
-                for cb in callbacks:
-                    cb.on_sync(state)
-                if epoch_end:
-                    for cb in callbacks:
-                        cb.on_epoch_end(state)
-                pending.since = time.perf_counter()  # saving and evaluating are not step time
-            if global_step >= total_steps:
-                break
-    except KeyboardInterrupt as stop:
-        # Keep the work done so far: the parameters after the last completed step are consistent.
-        # On several ranks a rank that died leaves its head shard of this save unwritten, and
-        # --resume auto then takes the newest complete checkpoint.
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second signal must not cut the save short
-        why = ("stopped by SIGTERM (a job scheduler, the launcher, or MindSpore after another rank stopped "
-               "answering)" if isinstance(stop, Terminated) else "interrupted")
-        logger.warning(f"{why} after global step {global_step}: saving the last completed step; continue with "
-                       f"--resume auto")
-        try:
-            if pending.results:
-                state = pending.read()
-            if state is not None:
-                _finish(callbacks, state)
-        except Exception as exc:  # noqa: BLE001  e.g. a collective that failed with the dead rank
-            logger.warning(f"nothing saved: {type(exc).__name__}: {str(exc).strip().splitlines()[0]}")
-        raise
-    except ArcFaceError:
-        _finish(callbacks, None)
-        raise
-    _finish(callbacks, state)
-    return state
-
-
-def _rank_lost(exc, step):
-    """The error of a step whose collective operation failed: another rank or node stopped. MindSpore
-    then sends SIGTERM to end this rank too; it is ignored, so that this line is the last word."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    kernel = next((line.strip() for line in str(exc).splitlines() if "failed" in line), "a kernel failed")
-    return ArcFaceError(f"global step {step} failed on this rank ({kernel}): another rank or node has stopped "
-                        f"(see its log); training stopped without saving this step; continue with --resume auto")
-
-
-def _finish(callbacks, state):
-    for cb in callbacks:
-        cb.on_train_end(state)
+    schedule = Schedule(steps_per_epoch, total_steps, start_step, cfg.batch_size * run.rt.group_size, lr_schedule,
+                        cfg.log_interval, cfg.sink_size)
+    return run_loop(step, dataset, schedule, callbacks)

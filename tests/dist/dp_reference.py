@@ -17,6 +17,7 @@ def main(out, steps, recipe):
     runtime.setup("CPU", mode="pynative", seed=11, distributed=False)
     import mindspore as ms
     from dp_common import NUM_CLASSES, RECIPES, global_batch
+    from src.training.lr_schedule import LRSchedule
     from src.training.optim import build_optimizer
     from src.training.trainer import build_network
 
@@ -24,7 +25,7 @@ def main(out, steps, recipe):
     net = build_network(cfg, NUM_CLASSES)
     net.set_train(True)
     np.savez(os.path.join(out, "initial.npz"), **{p.name: p.asnumpy() for p in net.trainable_params()})
-    optimizer = build_optimizer(cfg, net, np.full(steps, lr, np.float32))
+    optimizer = build_optimizer(cfg, net, LRSchedule.constant(lr))
     grad_fn = ms.value_and_grad(net, None, optimizer.parameters)
     images, labels = global_batch()
     half = len(images) // 2

@@ -18,10 +18,11 @@ def main(out, steps, recipe):
     assert rt.distributed, "expected to be launched by msrun with 2 workers"
     import mindspore as ms
     from dp_common import NUM_CLASSES, RECIPES, global_batch
+    from src.training.lr_schedule import LRSchedule
     from src.training.trainer import build_network, build_step
     cfg, lr = RECIPES[recipe]
     net = build_network(cfg, NUM_CLASSES)
-    step = build_step(cfg, net, np.full(steps, lr, np.float32), fp16=False)
+    step = build_step(cfg, net, LRSchedule.constant(lr), fp16=False)
     step.set_train(True)
     images, labels = global_batch()
     per_rank = len(images) // rt.group_size
