@@ -532,12 +532,36 @@ def _hostile(kind, path, marker):
         data, _ = _pickle(state_dict([("w", Tensor(one, 0, (4,), (1,)))]))
         write_zip(path, {"data.pkl": data[:40], "data/0": one.data})
         return "damaged data.pkl"
+    if kind == "stride 0 (1 KB claiming 24 GiB)":
+        # One stored value repeated: every check on the storage passes, the tensor would take 24 GiB.
+        write_pth(path, state_dict([("conv1.weight", Tensor(one, 0, (2 ** 20, 3, 3, 3), (0, 0, 0, 0)))]))
+        return "is not a dense layout"
+    if kind == "overlapping strides":
+        write_pth(path, state_dict([("w", Tensor(Storage(np.zeros(6)), 0, (3, 3), (1, 1)))]))
+        return "is not a dense layout"
+    if kind == "tensors totalling 12 GB":
+        big = Storage(np.zeros(4), numel=2 ** 30)
+        write_pth(path, state_dict([(f"w{i}", Tensor(big, 0, (2 ** 30,), (1,))) for i in range(3)]))
+        return "claim 12884901888 bytes, more than the 8589934592 allowed"
+    if kind == "conv1 of 2**20 rows":
+        # Refused by its shape before its bytes are read or a network of that width is built.
+        weights = to_state_dict(make_weights(iresnet_spec((2, 2, 2, 2), width=8, num_features=16), seed=0))
+        weights["conv1.weight"] = contiguous(np.zeros((2 ** 20, 1, 1, 1), np.float32))
+        write_pth(path, state_dict(weights))
+        return "width must be an integer from 1 to 256 (64 is the published network), got 1048576"
+    if kind == "block index of 5000 digits":
+        weights = to_state_dict(make_weights(iresnet_spec((2, 2, 2, 2), width=8, num_features=16), seed=0))
+        weights["layer1." + "9" * 5000 + ".bn1.weight"] = contiguous(np.ones(8))
+        write_pth(path, state_dict(weights))
+        return "unexpected: layer1.999"
     raise AssertionError(kind)
 
 
 HOSTILE = ["os.system", "builtins.exec in a tensor", "wrong storage key", "storage shorter than the tensor",
            "strides past the storage", "member shorter than the storage", "numel 2**60", "size 2**30 x 2**30",
-           "zip bomb", "not a zip", "legacy torch format", "zip without data.pkl", "truncated data.pkl"]
+           "zip bomb", "not a zip", "legacy torch format", "zip without data.pkl", "truncated data.pkl",
+           "stride 0 (1 KB claiming 24 GiB)", "overlapping strides", "tensors totalling 12 GB",
+           "conv1 of 2**20 rows", "block index of 5000 digits"]
 
 
 @pytest.mark.parametrize("kind", HOSTILE)
@@ -707,7 +731,7 @@ def test_onnx_network_mismatch_and_unmapped_graphs(exported_r18, tmp_path, capsy
     model.graph.initializer[0].data_location = TensorProto.EXTERNAL
     onnx.save(model, str(tmp_path / "external.onnx"))
     line = convert_error(capsys, tmp_path / "external.onnx", tmp_path / "x.ckpt")
-    assert "keeps its weights in external data files" in line
+    assert "keeps its values in an external data file ('../../etc/passwd')" in line
 
 
 @pytest.mark.slow
@@ -742,3 +766,121 @@ def test_fine_tuning_an_imported_model_on_an_image_folder(tiny_data, tmp_path):
     start, trained = weights["conv1.weight"], params["backbone.conv1.weight"].asnumpy()
     moved = np.linalg.norm(trained - start) / np.linalg.norm(start)
     assert 0 < moved < 0.2, moved  # started from the import, then trained
+
+
+# ---------------------------------------------------------------- hostile ONNX models
+
+def _tiny_graph(nodes, initializers, output="y"):
+    """A graph taking (N, 3, 112, 112) `x` to `output`."""
+    import onnx
+    from onnx import TensorProto, helper
+    graph = helper.make_graph(nodes, "hostile", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                              [None, 3, 112, 112])],
+                              [helper.make_tensor_value_info(output, TensorProto.FLOAT, [None, 8, 112, 112])],
+                              initializers)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=onnx.IR_VERSION)
+
+
+def _external(tensor, location):
+    from onnx import TensorProto, external_data_helper
+    external_data_helper.set_external_data(tensor, location=location)
+    tensor.ClearField("raw_data")
+    tensor.data_location = TensorProto.EXTERNAL
+    return tensor
+
+
+def _hostile_onnx(kind, path):
+    """Write the hostile ONNX model `kind`; returns the part of the error line expected. The secret
+    file `secret.txt` lies in the folder convert.py is run from."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    weight = numpy_helper.from_array(np.zeros((8, 3, 3, 3), np.float32), "w")
+    conv = helper.make_node("Conv", ["x", "w"], ["y"], pads=[1] * 4)
+    if kind == "Constant node reading a file of the current folder":
+        value = _external(numpy_helper.from_array(np.zeros((8, 3, 3, 3), np.float32), "value"), "secret.txt")
+        model = _tiny_graph([helper.make_node("Constant", [], ["w"], value=value), conv], [])
+        expected = "tensor 'value' keeps its values in an external data file ('secret.txt')"
+    elif kind == "initializer at an absolute path":
+        model = _tiny_graph([conv], [_external(weight, "/etc/hostname")])
+        expected = "keeps its values in an external data file ('/etc/hostname')"
+    elif kind == "sparse initializer outside the folder":
+        values = _external(numpy_helper.from_array(np.zeros(2, np.float32), "w"), "../secret.txt")
+        indices = numpy_helper.from_array(np.array([0, 1], np.int64), "w_indices")
+        model = _tiny_graph([conv], [])
+        model.graph.sparse_initializer.append(helper.make_sparse_tensor(values, indices, [8, 3, 3, 3]))
+        expected = "external data file ('../secret.txt')"
+    elif kind == "Constant inside a subgraph":
+        value = _external(numpy_helper.from_array(np.zeros(1, np.float32), "inner"), "secret.txt")
+        branch = helper.make_graph([helper.make_node("Constant", [], ["c"], value=value)], "branch", [],
+                                   [helper.make_tensor_value_info("c", TensorProto.FLOAT, None)])
+        cond = numpy_helper.from_array(np.array(True), "cond")
+        model = _tiny_graph([conv, helper.make_node("If", ["cond"], ["z"], then_branch=branch, else_branch=branch)],
+                            [weight, cond], output="y")
+        expected = "tensor 'inner' keeps its values in an external data file ('secret.txt')"
+    elif kind == "cycle of two Identity nodes":
+        loop = [helper.make_node("Identity", ["b"], ["a"]), helper.make_node("Identity", ["a"], ["b"])]
+        model = _tiny_graph([conv] + loop + [helper.make_node("Add", ["y", "a"], ["z"])], [weight], output="z")
+        expected = "not a valid ONNX model (its graph has a cycle)"
+    elif kind == "undefined dtype":
+        bad = numpy_helper.from_array(np.zeros((8, 3, 3, 3), np.float32), "w")
+        bad.data_type = TensorProto.UNDEFINED
+        model = _tiny_graph([conv], [bad])
+        expected = "error: "
+    elif kind == "unknown dtype":
+        bad = numpy_helper.from_array(np.zeros((8, 3, 3, 3), np.float32), "w")
+        bad.data_type = 999
+        model = _tiny_graph([conv], [bad])
+        expected = "error: "
+    elif kind == "scalar convolution weight":
+        model = _tiny_graph([conv], [numpy_helper.from_array(np.float32(1.0), "w")])
+        expected = "has a weight of shape (), not a 2-D kernel"
+    elif kind == "empty strides":
+        node = helper.make_node("Conv", ["x", "w"], ["y"], pads=[1] * 4)
+        node.attribute.append(helper.make_attribute("strides", [], attr_type=onnx.AttributeProto.INTS))
+        model = _tiny_graph([node], [weight])
+        expected = "does not map onto our iresnets or mbf"
+    else:
+        raise AssertionError(kind)
+    onnx.save(model, str(path))
+    return expected
+
+
+HOSTILE_ONNX = ["Constant node reading a file of the current folder", "initializer at an absolute path",
+                "sparse initializer outside the folder", "Constant inside a subgraph", "cycle of two Identity nodes",
+                "undefined dtype", "unknown dtype", "scalar convolution weight", "empty strides"]
+
+
+@pytest.mark.parametrize("kind", HOSTILE_ONNX)
+def test_hostile_onnx_models_give_one_error_line_and_read_nothing_else(kind, tmp_path, capsys, monkeypatch):
+    """No tensor of any kind, anywhere in the model, makes the import read another file: the bytes of
+    `secret.txt` in the current folder never become weights."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "secret.txt").write_bytes(b"ssh-rsa AAAA" * 100)
+    expected = _hostile_onnx(kind, tmp_path / "evil.onnx")
+    line = convert_error(capsys, tmp_path / "evil.onnx", tmp_path / "out.ckpt")
+    assert expected in line, line
+
+
+def test_every_hostile_model_ends_in_bounded_memory_and_time(tmp_path):
+    """The whole hostile set, converted in a fresh interpreter under a 4 GiB address-space limit and a
+    time limit: each is one error line (no MemoryError, no endless walk of a cyclic graph)."""
+    import resource
+    for i, kind in enumerate(HOSTILE):
+        _hostile(kind, tmp_path / f"{i}.pth", tmp_path / "pwned")
+    for i, kind in enumerate(HOSTILE_ONNX):
+        _hostile_onnx(kind, tmp_path / f"{i}.onnx")
+    (tmp_path / "secret.txt").write_bytes(b"secret")
+    script = ("import sys, glob, convert\nfrom src.cli import run_main\n"
+              "for path in sorted(glob.glob('*.pth') + glob.glob('*.onnx')):\n"
+              "    print(path, run_main(convert.main, [path, 'out.ckpt']), flush=True)\n")
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300, preexec_fn=limit)
+    codes = dict(line.split() for line in done.stdout.splitlines())
+    assert len(codes) == len(HOSTILE) + len(HOSTILE_ONNX) and set(codes.values()) == {"2"}, done.stdout + done.stderr
+    errors = [line for line in done.stderr.splitlines() if line]
+    assert len(errors) == len(codes) and all(line.startswith("error: ") for line in errors), done.stderr
+    assert not (tmp_path / "out.ckpt").exists() and not (tmp_path / "pwned").exists()

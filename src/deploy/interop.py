@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from src.errors import ArcFaceError
-from src.models import IRESNETS, VIT_EMBED_DIMS, VITS, canonical_name
+from src.models import IRESNETS, VIT_EMBED_DIMS, VITS, canonical_name, check_backbone_options
 from src.safe_pickle import Global, Placeholder, RefusedPickle, describe
 from src.safe_pickle import load as safe_load
 
@@ -49,11 +49,16 @@ _LEGACY_MAGIC = pickle.dumps(0x1950A86A20F9469CFC6C, protocol=2)[:-1]  # torch <
 
 @dataclass(frozen=True)
 class Model:
-    """The backbone a source holds: what `get_backbone` and the checkpoint meta need."""
+    """The backbone a source holds: what `get_backbone` and the checkpoint meta need. What a file
+    claims (a width of 2**30 rows in conv1) is checked against the backbones' bounds on creation,
+    before anything is read or built from it."""
     network: str
     width: int
     num_features: int
     detail: str = ""  # what it was recognised by, for messages
+
+    def __post_init__(self):
+        check_backbone_options(self.network, int(self.num_features), 0.0, int(self.width))
 
 
 # ---------------------------------------------------------------- PyTorch zip checkpoints
@@ -134,7 +139,22 @@ def _rebuild_tensor(storage, offset, shape, stride, requires_grad, hooks, metada
     if end > storage.numel:
         raise RefusedPickle(f"tensor of size {shape}, stride {stride}, offset {offset} needs {end} elements, "
                             f"its {storage!r} has {storage.numel}")
+    if count and not _dense(shape, stride):
+        # Overlapping elements (a stride of 0 repeats one value 2**30 times) or gaps: a state dict's
+        # parameters are dense, and only dense tensors have as many distinct values as elements.
+        raise RefusedPickle(f"tensor of size {shape} with stride {stride} is not a dense layout")
     return _Tensor(storage, offset, shape, stride)
+
+
+def _dense(shape, stride):
+    """Whether the elements of a tensor (size, stride) tile a block of memory exactly once, in any
+    order of the dimensions (a transposed tensor is dense too)."""
+    expected = 1
+    for step, size in sorted((s, n) for n, s in zip(shape, stride) if n > 1):
+        if step != expected:
+            return False
+        expected *= size
+    return True
 
 
 def _rebuild_parameter(data, requires_grad, hooks):
@@ -171,8 +191,9 @@ def _persistent_loader(storages):
     return load
 
 
-def _member(zf, info, path, size=None, limit=None):
-    """A member's bytes, its declared size checked before anything is decompressed."""
+def _check_member(info, path, size=None, limit=None):
+    """A member's declared size against what the tensors need, the limit and the compression ratio,
+    before anything is read or decompressed."""
     if size is not None and info.file_size != size:
         raise ArcFaceError(f"{path}: {info.filename} holds {info.file_size} bytes, the tensors need {size}")
     if limit is not None and info.file_size > limit:
@@ -180,6 +201,11 @@ def _member(zf, info, path, size=None, limit=None):
     if info.compress_type != zipfile.ZIP_STORED and info.file_size > MAX_COMPRESSION * max(info.compress_size, 1):
         raise ArcFaceError(f"{path}: {info.filename} expands {info.file_size / max(info.compress_size, 1):.0f} "
                            f"times (a zip bomb?); refusing to decompress it")
+
+
+def _member(zf, info, path, size=None, limit=None):
+    """A member's bytes, checked (`_check_member`) before anything is decompressed."""
+    _check_member(info, path, size, limit)
     with zf.open(info) as member:
         data = member.read(info.file_size + 1)
     if len(data) != info.file_size:
@@ -219,8 +245,9 @@ def _state_dict(obj, path):
     return {k: v for k, v in entries.items() if not k.endswith("num_batches_tracked")}
 
 
-def read_torch(path):
-    """{name: float32 array} of a PyTorch state dict file (zip format, torch >= 1.6)."""
+def read_torch(path, inspect=None):
+    """{name: float32 array} of a PyTorch state dict file (zip format, torch >= 1.6). `inspect`, given
+    {name: shape}, is called before any tensor's bytes are read (to refuse a model by its shapes)."""
     with open(path, "rb") as f:
         head = f.read(len(_LEGACY_MAGIC))
     if head == _LEGACY_MAGIC:
@@ -230,12 +257,12 @@ def read_torch(path):
         raise ArcFaceError(f"{path}: not a PyTorch checkpoint (a zip written by torch.save) nor an .onnx model")
     try:
         with zipfile.ZipFile(path) as zf:
-            return _read_zip(zf, path)
+            return _read_zip(zf, path, inspect)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, RuntimeError, ValueError) as exc:
         raise ArcFaceError(f"{path}: damaged zip file ({type(exc).__name__}: {exc})") from None
 
 
-def _read_zip(zf, path):
+def _read_zip(zf, path, inspect=None):
     members = {info.filename: info for info in zf.infolist()}
     archive = next(iter(members), "").partition("/")[0]  # torch names every member <archive>/...
     pkl = members.get(f"{archive}/data.pkl")
@@ -259,15 +286,19 @@ def _read_zip(zf, path):
         raise ArcFaceError(f"{path}: damaged data.pkl ({type(exc).__name__}: {exc})") from None
     tensors = _state_dict(obj, path)
     used = {t.storage.key: t.storage for t in tensors.values()}
-    total = sum(s.numel * s.itemsize for s in used.values())
+    # Both what is read (the storages) and what is built (every tensor as float32) are bounded.
+    total = max(sum(s.numel * s.itemsize for s in used.values()), 4 * sum(math.prod(t.shape) for t in tensors.values()))
     if total > MAX_TOTAL_BYTES:
         raise ArcFaceError(f"{path}: its tensors claim {total} bytes, more than the {MAX_TOTAL_BYTES} allowed")
-    raw = {}
+    infos = {}
     for key, storage in used.items():
-        info = members.get(f"{archive}/data/{key}")
-        if info is None:
+        infos[key] = members.get(f"{archive}/data/{key}")
+        if infos[key] is None:
             raise ArcFaceError(f"{path}: no member {archive}/data/{key} for {storage!r}")
-        raw[key] = _member(zf, info, path, size=storage.numel * storage.itemsize)
+        _check_member(infos[key], path, size=storage.numel * storage.itemsize)
+    if inspect is not None:
+        inspect({name: t.shape for name, t in tensors.items()})
+    raw = {key: _member(zf, infos[key], path, size=storage.numel * storage.itemsize) for key, storage in used.items()}
     return {name: _array(t, raw[t.storage.key], byteorder) for name, t in tensors.items()}
 
 
@@ -307,7 +338,7 @@ def _count(shapes, pattern):
 
 def _identify_iresnet(shapes):
     from src.models.iresnet import IRESNET_LAYERS
-    counts = _count(shapes, r"layer([1-4])\.(\d+)\.")
+    counts = _count(shapes, r"layer([1-4])\.(\d{1,6})\.")
     depths = tuple(counts.get(str(stage), 0) for stage in (1, 2, 3, 4))
     names = [name for name, layers in IRESNET_LAYERS.items() if layers == depths]
     if not names:
@@ -316,7 +347,7 @@ def _identify_iresnet(shapes):
 
 
 def _identify_mbf(shapes):
-    residual = _count(shapes, r"layers\.([1357])\.layers\.(\d+)\.layers\.")
+    residual = _count(shapes, r"layers\.([1357])\.layers\.(\d{1,6})\.layers\.")
     blocks = (residual.get("1", 1), residual.get("3", 0), residual.get("5", 0), residual.get("7", 0))
     scale = _dim(shapes, "layers.0.layers.0.weight") // 64
     if blocks != (1, 4, 6, 2) or scale != 2:
@@ -335,7 +366,7 @@ def _vit_width(name, embed_dim):
 def _identify_vit(shapes):
     from src.models.vit import VIT_CONFIGS
     embed_dim = _dim(shapes, "patch_embed.proj.weight")
-    depth = _count(shapes, r"(blocks)\.(\d+)\.").get("blocks", 0)
+    depth = _count(shapes, r"(blocks)\.(\d{1,6})\.").get("blocks", 0)
     fits = [name for name in VITS if VIT_CONFIGS[name].depth == depth and _vit_width(name, embed_dim)]
     if not fits:
         raise ArcFaceError(f"a ViT of depth {depth} and embedding dimension {embed_dim}, which is none of "
@@ -434,12 +465,11 @@ class _Graph:
     """An ONNX graph walked layer by layer; every node must be used exactly once."""
 
     def __init__(self, graph):
-        from onnx import numpy_helper
-        self.consts = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+        self.consts = {t.name: _to_array(t) for t in graph.initializer}
         self.nodes, self.used, self.consumers, self.producers = [], set(), {}, {}
         for node in graph.node:
             if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
-                self.consts[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+                self.consts[node.output[0]] = _to_array(node.attribute[0].t)
             elif node.op_type in _SHAPE_OPS and node.input and node.input[0] in self.consts:
                 self.consts[node.output[0]] = self.consts[node.input[0]]  # the values are what matters
             else:
@@ -457,7 +487,11 @@ class _Graph:
 
     def follow(self, x):
         """`x` after the shape-only nodes that are its only consumer."""
+        seen = {x}
         while len(users := self.consumers.get(x, [])) == 1 and users[0].op_type in _SHAPE_OPS:
+            if users[0].output[0] in seen:  # cycles are refused up front; never loop on one regardless
+                raise _Unmapped(f"the graph has a cycle through {x!r}")
+            seen.add(users[0].output[0])
             self.used.add(id(users[0]))
             todo = list(users[0].input[1:])  # a computed target shape: the nodes computing it
             while todo:
@@ -498,6 +532,8 @@ class _Graph:
         """(output, weight, bias or None) of the convolution on `x`; group None = depthwise."""
         node = self.take(x, "Conv")
         weight, bias, a = self.const(node, 1), self.const(node, 2), self.attrs(node)
+        if weight is None or weight.ndim != 4:
+            raise _Unmapped(f"Conv {node.name!r} has a weight of shape {np.shape(weight)}, not a 2-D kernel")
         auto_pad = a.get("auto_pad", b"NOTSET")
         if auto_pad not in (b"NOTSET", b"VALID"):
             raise _Unmapped(f"Conv {node.name!r} pads {auto_pad.decode()}")
@@ -541,6 +577,8 @@ class _Graph:
         """(output, weight (out, in), bias or None) of a Gemm, or a MatMul with an optional Add."""
         node = self.take(x, "Gemm", "MatMul")
         weight, bias = self.const(node, 1), self.const(node, 2)
+        if weight is None or weight.ndim != 2:
+            raise _Unmapped(f"{node.op_type} {node.name!r} has a weight of shape {np.shape(weight)}, not a matrix")
         if node.op_type == "Gemm":
             a = self.attrs(node)
             if a.get("transA", 0) or a.get("alpha", 1.0) != 1.0 or a.get("beta", 1.0) != 1.0:
@@ -643,16 +681,82 @@ def _onnx_mbf(g):
     return Model("mbf", 64, num_features, "blocks (1, 4, 6, 2), scale 2"), p
 
 
+def _graph_tensors(graph):
+    """Every TensorProto a graph holds: initializers, sparse initializers, the tensors of node
+    attributes (Constant values and others), and those of subgraphs, at any depth."""
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield from (sparse.values, sparse.indices)
+    yield from _node_tensors(graph.node)
+
+
+def _node_tensors(nodes):
+    for node in nodes:
+        for a in node.attribute:
+            if a.HasField("t"):
+                yield a.t
+            yield from a.tensors
+            for sparse in ([a.sparse_tensor] if a.HasField("sparse_tensor") else []) + list(a.sparse_tensors):
+                yield from (sparse.values, sparse.indices)
+            for sub in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                yield from _graph_tensors(sub)
+
+
+def _refuse_external_data(model, path):
+    """A tensor may name a file whose bytes become its values (ONNX external data, resolved against
+    the current folder by onnx's helpers): never read one, wherever it sits in the model."""
+    from onnx import TensorProto
+    tensors = list(_graph_tensors(model.graph)) + list(_node_tensors(n for f in model.functions for n in f.node))
+    for tensor in tensors:
+        if tensor.data_location == TensorProto.EXTERNAL or len(tensor.external_data):
+            where = next((e.value for e in tensor.external_data if e.key == "location"), "?")
+            raise ArcFaceError(f"{path}: tensor {tensor.name!r} keeps its values in an external data file "
+                               f"({where[:100]!r}), which this import does not read")
+
+
+def _acyclic(nodes):
+    """Whether the nodes form a directed acyclic graph (Kahn's algorithm over producer -> consumer)."""
+    nodes = list(nodes)
+    producer = {name: i for i, node in enumerate(nodes) for name in node.output if name}
+    consumers, waiting = [[] for _ in nodes], [0] * len(nodes)
+    for j, node in enumerate(nodes):
+        for name in set(node.input):
+            if name in producer:
+                consumers[producer[name]].append(j)
+                waiting[j] += 1
+    ready = [j for j, count in enumerate(waiting) if count == 0]
+    done = 0
+    while ready:
+        done += 1
+        for j in consumers[ready.pop()]:
+            waiting[j] -= 1
+            if waiting[j] == 0:
+                ready.append(j)
+    return done == len(nodes)
+
+
+def _to_array(tensor):
+    """A TensorProto's values; a tensor onnx cannot decode (an undefined or unknown type, data that
+    does not fit its shape) is a damaged model."""
+    from onnx import numpy_helper
+    try:
+        return numpy_helper.to_array(tensor)
+    except Exception as exc:  # onnx raises ValueError, TypeError, KeyError, ... for such tensors
+        raise ValueError(f"tensor {tensor.name!r}: {type(exc).__name__}: {str(exc)[:200]}") from None
+
+
 def read_onnx(path):
     """(Model, {our name: array}) of an insightface recognition ONNX file whose graph maps onto one of
-    our iresnets or mbf."""
+    our iresnets or mbf. External data is refused before any tensor is read, and a graph with a cycle
+    before it is walked."""
     import onnx
     try:
         model = onnx.load(path, load_external_data=False)
     except Exception as exc:  # protobuf raises its own types
         raise ArcFaceError(f"{path}: cannot read the ONNX model ({type(exc).__name__}: {exc})") from None
-    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
-        raise ArcFaceError(f"{path}: keeps its weights in external data files, which this import does not read")
+    _refuse_external_data(model, path)
+    if not _acyclic(model.graph.node):
+        raise ArcFaceError(f"{path}: not a valid ONNX model (its graph has a cycle)")
     try:
         g = _Graph(model.graph)
         stem = g.peek(g.input, "Conv")
@@ -660,7 +764,7 @@ def read_onnx(path):
             found = ", ".join(n.op_type for n in g.consumers.get(g.input, [])) or "nothing"
             raise _Unmapped(f"the input goes into {found}, not a convolution; a graph that normalises its input "
                             f"itself takes raw pixels: add --input_mean 0 --input_std 1 to eval_onnx.py")
-        return _onnx_mbf(g) if g.attrs(stem).get("strides", [1, 1])[0] == 2 else _onnx_iresnet(g)
+        return _onnx_mbf(g) if (g.attrs(stem).get("strides") or [1])[0] == 2 else _onnx_iresnet(g)
     except _Unmapped as exc:
         raise ArcFaceError(f"{path}: this ONNX graph does not map onto our iresnets or mbf ({exc}); it can still be "
                            f"evaluated as it is: python eval_onnx.py --eval_url EVAL_DIR --onnx_url {path}") from None
@@ -678,12 +782,20 @@ def convert(source, output, network=None):
     if not output.endswith(".ckpt"):
         raise ArcFaceError(f"{output}: the output's name must end with .ckpt")
     onnx = source.lower().endswith(".onnx")
+    found = {}
+
+    def identify(shapes):
+        try:
+            found["model"] = identify_torch(shapes, network)
+        except ArcFaceError as exc:
+            raise ArcFaceError(f"{source}: {exc}") from None
+
     if onnx:
-        found, params = read_onnx(source)
+        found["model"], params = read_onnx(source)
     else:
-        tensors = read_torch(source)
+        tensors = read_torch(source, inspect=identify)
     try:
-        model = _confirm(found, network) if onnx else identify_torch({k: v.shape for k, v in tensors.items()}, network)
+        model = _confirm(found["model"], network) if onnx else found["model"]
     except ArcFaceError as exc:
         raise ArcFaceError(f"{source}: {exc}") from None
     if onnx:

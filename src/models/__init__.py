@@ -19,6 +19,10 @@ VIT_HEADS = 8
 BACKBONES = IRESNETS + ("mbf",) + VITS
 
 _ALIASES = {"mobilefacenet": "mbf"}
+# Bounds on what any file may claim, checked before a network is built: an r100 of width 256 already
+# has about a billion parameters, and a damaged record saying width 2**30 would ask for 108 GiB.
+MAX_WIDTH = 256
+MAX_NUM_FEATURES = 4096
 
 
 def canonical_name(name):
@@ -42,16 +46,17 @@ def canonical_name(name):
 def check_backbone_options(name, num_features=512, dropout=0.0, width=64):
     """The options a backbone accepts, checked before anything is built."""
     key = canonical_name(name)
-    if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features <= 0:
-        raise ArcFaceError(f"num_features must be a positive integer, got {num_features!r}")
+    if isinstance(num_features, bool) or not isinstance(num_features, int) or not 0 < num_features <= MAX_NUM_FEATURES:
+        raise ArcFaceError(f"num_features must be an integer from 1 to {MAX_NUM_FEATURES}, got {num_features!r}")
     try:
         dropout = float(dropout)
     except (TypeError, ValueError):
         raise ArcFaceError(f"dropout must be a number in [0, 1), got {dropout!r}") from None
     if not 0.0 <= dropout < 1.0:
         raise ArcFaceError(f"dropout must be in [0, 1), got {dropout}")
-    if isinstance(width, bool) or not isinstance(width, int) or width < 1:
-        raise ArcFaceError(f"width must be a positive integer, got {width!r}")
+    if isinstance(width, bool) or not isinstance(width, int) or not 0 < width <= MAX_WIDTH:
+        raise ArcFaceError(f"width must be an integer from 1 to {MAX_WIDTH} (64 is the published network), "
+                           f"got {width!r}")
     if key not in IRESNETS and dropout > 0:
         raise ArcFaceError(f"dropout is only supported by the IResNet backbones, not {key!r}")
     if key == "mbf" and width != 64:
