@@ -23,9 +23,9 @@ if not __package__:  # run as a script: make `src` importable from the repositor
 import cv2  # noqa: E402
 
 from src.cli import run_main  # noqa: E402
+from src.data.face_rec import write_face_dataset  # noqa: E402
 from src.data.images import IMAGE_SIZE  # noqa: E402
 from src.data.images import resize as resize_image
-from src.data.recordio import write_face_dataset  # noqa: E402
 from src.data.sources import ImageFolderSource, scan  # noqa: E402
 from src.errors import ArcFaceError  # noqa: E402
 

@@ -25,8 +25,9 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
 from src.cli import run_main  # noqa: E402
+from src.data.face_rec import FaceRecordDataset  # noqa: E402
 from src.data.images import image_extension  # noqa: E402
-from src.data.sources import RecordIOSource, scan  # noqa: E402
+from src.data.sources import scan  # noqa: E402
 from src.errors import ArcFaceError  # noqa: E402
 from src.files import atomic_write  # noqa: E402
 
@@ -36,10 +37,9 @@ class Layout:
 
     def __init__(self, source, output, fmt):
         self.source, self.output, self.fmt = source, output, fmt
-        self.records = source.records
         self.labels = source.labels()
         max_label = int(self.labels.max()) if self.labels.size else 0
-        max_key = max(self.records.image_keys) if self.records.image_keys else 0
+        max_key = max(source.image_keys) if source.image_keys else 0
         self.class_width = len(str(max_label))
         self.key_width = max(8, len(str(max_key)))
 
@@ -48,7 +48,7 @@ class Layout:
 
     def path(self, index, head=None):
         stem = os.path.join(self.class_dir(int(self.labels[index])),
-                            f"{self.records.image_keys[index]:0{self.key_width}d}")
+                            f"{self.source.image_keys[index]:0{self.key_width}d}")
         return stem + (".png" if self.fmt == "png" else image_extension(head))
 
     def done(self, index):
@@ -62,7 +62,7 @@ class Layout:
             except OSError:
                 return False
         try:
-            size, head = self.records.image_head(index)
+            size, head = self.source.image_head(index)
         except ArcFaceError:
             return False  # unreadable: the conversion reports it
         path = self.path(index, head)
@@ -80,7 +80,7 @@ def convert(include, output, fmt="original", workers=8, skip_bad=False, no_progr
     """Convert; returns the summary dict (identities, images, written, skipped, bad, bytes, seconds).
     The progress bar shows on a terminal only (no_progress=None) or never (True)."""
     start = time.time()
-    source = RecordIOSource(include)
+    source = FaceRecordDataset(include)
     source.check_labels()
     if len(source) == 0:
         raise ArcFaceError(f"{source.rec_path}: no images to convert")

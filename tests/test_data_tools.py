@@ -17,16 +17,9 @@ import pytest
 
 from src import datainfo, mindrecord, pack_rec, rec2jpg_dataset
 from src.cli import run_main
+from src.data.face_rec import FaceRecordDataset, write_face_dataset
 from src.data.pipeline import checked_iterator, create_train_dataset
-from src.data.recordio import (
-    FaceRecordDataset,
-    IndexedRecordReader,
-    IndexedRecordWriter,
-    pack_header,
-    scan_records,
-    unpack_record,
-    write_face_dataset,
-)
+from src.data.recordio import IndexedRecordReader, IndexedRecordWriter, pack_header, scan_records, unpack_record
 from src.data.sources import ImageFolderSource, MindRecordSource, detect_kind, open_source, resolve_num_classes
 from src.errors import ArcFaceError
 
