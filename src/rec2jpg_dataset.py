@@ -27,7 +27,7 @@ import numpy as np  # noqa: E402
 from src.cli import run_main  # noqa: E402
 from src.data.face_rec import FaceRecordDataset  # noqa: E402
 from src.data.images import image_extension  # noqa: E402
-from src.data.sources import scan  # noqa: E402
+from src.data.sources import BadSamples, scan  # noqa: E402
 from src.errors import ArcFaceError  # noqa: E402
 from src.files import atomic_write  # noqa: E402
 
@@ -90,12 +90,9 @@ def convert(include, output, fmt="original", workers=8, skip_bad=False, no_progr
         os.makedirs(layout.class_dir(label), exist_ok=True)
     todo = [i for i in range(len(source)) if not layout.done(i)]
     written = written_bytes = 0
-    bad = []
+    bad = BadSamples(skip_bad)
     for sample in scan(source, todo, workers, progress, desc="rec2jpg"):
-        if sample.problem is not None:
-            if not skip_bad:
-                raise ArcFaceError(f"{sample.problem} (use --skip_bad to skip such records)")
-            bad.append(sample.problem)
+        if bad.skip(sample.problem):
             continue
         data = sample.data
         if fmt == "png":
@@ -103,10 +100,10 @@ def convert(include, output, fmt="original", workers=8, skip_bad=False, no_progr
         atomic_write(layout.path(sample.index, data), data, sync=False)
         written += 1
         written_bytes += len(data)
-    for reason in bad:
-        print(f"warning: skipped {reason}", file=sys.stderr)
+    complete = len(source) - len(todo)  # by an earlier run
+    bad.finish(written + complete, include)
     return {"identities": int(len(np.unique(layout.labels))), "images": len(source),
-            "written": written, "skipped": len(source) - len(todo), "bad": len(bad),
+            "written": written, "skipped": complete, "bad": len(bad.problems),
             "bytes": written_bytes, "seconds": time.time() - start, "output": output}
 
 
@@ -114,7 +111,7 @@ def summary_line(s):
     line = (f"{s['identities']} identities, {s['images']} images -> {s['output']}: {s['written']} written "
             f"({human_bytes(s['bytes'])}), {s['skipped']} skipped (already complete)")
     if s["bad"]:
-        line += f", {s['bad']} bad records skipped"
+        line += f", {s['bad']} bad images skipped"
     return line + f", {s['seconds']:.1f} s"
 
 

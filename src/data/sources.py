@@ -8,10 +8,12 @@ Kinds of folder (`detect_kind`), each a src.data.source.Source:
   (written by src.mindrecord).
 
 `scan(source)` reads and decodes the samples for datainfo --verify, pack_rec, mindrecord and
-rec2jpg. Decoding for training happens in src.data.pipeline.
+rec2jpg, which share one policy for the samples they cannot use (`BadSamples`). Decoding for
+training happens in src.data.pipeline.
 """
 import logging
 import os
+import sys
 from collections import deque
 from dataclasses import dataclass
 
@@ -396,3 +398,31 @@ def parallel_map(func, items, workers):
             for future in pending:
                 future.cancel()
 
+
+# --- the data tools' policy for bad samples -------------------------------------------------------
+
+class BadSamples:
+    """What pack_rec, mindrecord and rec2jpg do with a sample they cannot use: stop with its problem,
+    or with --skip_bad collect it, list it at the end and go on, unless nothing usable is left."""
+
+    def __init__(self, skip_bad):
+        self.skip_bad = skip_bad
+        self.problems = []
+
+    def skip(self, problem):
+        """Whether to leave out a sample with `problem` (None: a usable sample). Without --skip_bad a
+        problem stops the tool with an ArcFaceError."""
+        if problem is None:
+            return False
+        if not self.skip_bad:
+            raise ArcFaceError(f"{problem} (use --skip_bad to skip such images)")
+        self.problems.append(problem)
+        return True
+
+    def finish(self, usable, where):
+        """Warn about every skipped sample; an ArcFaceError naming `where` when no usable image is
+        left (`usable` counts them)."""
+        for problem in self.problems:
+            print(f"warning: skipped {problem}", file=sys.stderr)
+        if not usable and self.problems:
+            raise ArcFaceError(f"{where}: no usable image (all {len(self.problems)} were skipped as bad)")
