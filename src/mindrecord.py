@@ -23,13 +23,10 @@ import shutil
 import sys
 import time
 
-if not __package__:  # run as a script: make `src` importable from the repository root
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from src.cli import run_main  # noqa: E402
-from src.data.sources import (  # noqa: E402
+from src.cli import run_main
+from src.data.sources import (
     CLASS_COUNTS_NAME,
     MINDRECORD_NAME,
     BadSamples,
@@ -39,8 +36,8 @@ from src.data.sources import (  # noqa: E402
     resolve_num_classes,
     scan,
 )
-from src.errors import ArcFaceError  # noqa: E402
-from src.files import atomic_write  # noqa: E402
+from src.errors import ArcFaceError
+from src.files import atomic_write
 
 SCHEMA = {"image": {"type": "bytes"}, "label": {"type": "int32"}, "key": {"type": "int64"}}
 ROWS_PER_WRITE = 256

@@ -17,17 +17,14 @@ import os
 import sys
 import time
 
-if not __package__:  # run as a script: make `src` importable from the repository root
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import cv2
 
-import cv2  # noqa: E402
-
-from src.cli import run_main  # noqa: E402
-from src.data.face_rec import write_face_dataset  # noqa: E402
-from src.data.images import IMAGE_SIZE  # noqa: E402
+from src.cli import run_main
+from src.data.face_rec import write_face_dataset
+from src.data.images import IMAGE_SIZE
 from src.data.images import resize as resize_image
-from src.data.sources import BadSamples, ImageFolderSource, scan  # noqa: E402
-from src.errors import ArcFaceError  # noqa: E402
+from src.data.sources import BadSamples, ImageFolderSource, scan
+from src.errors import ArcFaceError
 
 JPEG_QUALITY = 95
 

@@ -18,18 +18,18 @@ import os
 import sys
 import time
 
-if not __package__:  # run as a script: make `src` importable from the repository root
+if not __package__:  # the model zoo's `python src/rec2jpg_dataset.py ...`: make `src` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import cv2  # noqa: E402
-import numpy as np  # noqa: E402
+import cv2
+import numpy as np
 
-from src.cli import run_main  # noqa: E402
-from src.data.face_rec import FaceRecordDataset  # noqa: E402
-from src.data.images import image_extension  # noqa: E402
-from src.data.sources import BadSamples, scan  # noqa: E402
-from src.errors import ArcFaceError  # noqa: E402
-from src.files import atomic_write  # noqa: E402
+from src.cli import run_main
+from src.data.face_rec import FaceRecordDataset
+from src.data.images import image_extension
+from src.data.sources import BadSamples, scan
+from src.errors import ArcFaceError
+from src.files import atomic_write
 
 
 class Layout:

@@ -537,3 +537,21 @@ def test_tools_run_as_scripts_and_modules():
     result = subprocess.run([sys.executable, "src/datainfo.py", str(DATA / "nope")], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and result.stderr.strip().startswith("error: training data folder not found")
+
+
+def test_the_model_zoo_command_and_the_module_commands_run_from_the_repository(tmp_path):
+    """`python src/rec2jpg_dataset.py --include ... --output ...` as the model zoo runs it, and the other tools
+    as `python -m src.<tool>` as documented."""
+    env = dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX2")
+
+    def run(*args):
+        return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    result = run("src/rec2jpg_dataset.py", "--include", str(FIXTURE), "--output", str(tmp_path / "jpg"))
+    assert result.returncode == 0 and "3 identities, 5 images" in result.stdout, result.stderr
+    assert len([p for p in (tmp_path / "jpg").rglob("*") if p.is_file()]) == 5
+    folder = make_folder(tmp_path / "folder", ["0", "1"], per_class=1)
+    result = run("-m", "src.pack_rec", "--input", str(folder), "--output", str(tmp_path / "rec"))
+    assert result.returncode == 0 and "packed 2 images of 2 identities" in result.stdout, result.stderr
+    for module in ("src.rec2jpg_dataset", "src.mindrecord", "src.partial_fc"):
+        result = run("-m", module, "--help")
+        assert result.returncode == 0 and "usage:" in result.stdout, (module, result.stderr)
