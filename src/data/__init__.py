@@ -3,5 +3,6 @@
 Holds the RecordIO container, the insightface layout, the Source interface and its kinds (RecordIO,
 ImageFolder, MindRecord), the one decode/verify loop of the data tools, image decoding and checks, the
 safe `.bin` loader and the synthetic demo data.
-May import: src.errors, src.cli, src.runtime. Nothing from models, heads, training, evaluation, deploy.
+May import: src.errors, src.cli, src.runtime, src.files, src.safe_pickle. Nothing from models, heads, training,
+evaluation, deploy.
 """
