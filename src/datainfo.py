@@ -20,14 +20,14 @@ import os
 import sys
 import time
 
-if not __package__:  # run as a script: make `src` importable from the repository root
+if not __package__:  # run as `python src/datainfo.py ...`: make `src` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from src.cli import run_main  # noqa: E402
-from src.data.images import image_format  # noqa: E402
-from src.data.sources import implausible_class_count, open_source, scan  # noqa: E402
+from src.cli import run_main
+from src.data.images import image_format
+from src.data.sources import implausible_class_count, open_source, scan
 
 SHOWN = 20  # problems of one kind printed in full
 

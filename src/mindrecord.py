@@ -23,23 +23,21 @@ import shutil
 import sys
 import time
 
-if not __package__:  # run as a script: make `src` importable from the repository root
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from src.cli import run_main  # noqa: E402
-from src.data.sources import (  # noqa: E402
+from src.cli import run_main
+from src.data.sources import (
     CLASS_COUNTS_NAME,
     MINDRECORD_NAME,
+    BadSamples,
     detect_kind,
     mindspore_message,
     open_source,
     resolve_num_classes,
     scan,
 )
-from src.errors import ArcFaceError  # noqa: E402
-from src.files import atomic_write  # noqa: E402
+from src.errors import ArcFaceError
+from src.files import atomic_write
 
 SCHEMA = {"image": {"type": "bytes"}, "label": {"type": "int32"}, "key": {"type": "int64"}}
 ROWS_PER_WRITE = 256
@@ -89,7 +87,7 @@ def convert(input_dir, output, shards=1, workers=4, skip_bad=False, overwrite=Fa
     name = os.path.join(tmp, MINDRECORD_NAME + ("0" if shards == 1 else ""))
     counts = np.zeros(num_classes, dtype=np.int64)
     image_bytes = [0]
-    bad = []
+    bad = BadSamples(skip_bad)
     try:
         writer = FileWriter(name, shard_num=shards, overwrite=True)
         total, largest = source.byte_sizes(SMALL_INPUT)
@@ -107,10 +105,7 @@ def convert(input_dir, output, shards=1, workers=4, skip_bad=False, overwrite=Fa
             if reason is None and first_size and size != first_size[0]:
                 reason = (f"{sample.where}: is {size[1]}x{size[0]} but the first image is "
                           f"{first_size[0][1]}x{first_size[0][0]}")
-            if reason is not None:
-                if not skip_bad:
-                    raise ArcFaceError(f"{reason} (use --skip_bad to skip such images)")
-                bad.append(reason)
+            if bad.skip(reason):
                 continue
             if not first_size:
                 first_size.append(size)
@@ -121,8 +116,7 @@ def convert(input_dir, output, shards=1, workers=4, skip_bad=False, overwrite=Fa
             if len(rows) == ROWS_PER_WRITE:
                 writer.write_raw_data(rows)
                 rows = []
-        if not first_size:
-            raise ArcFaceError(f"{input_dir}: no usable image (all {len(bad)} were skipped as bad)")
+        bad.finish(int(counts.sum()), input_dir)
         if rows:
             writer.write_raw_data(rows)
         writer.commit()
@@ -138,11 +132,9 @@ def convert(input_dir, output, shards=1, workers=4, skip_bad=False, overwrite=Fa
     atomic_write(os.path.join(output, CLASS_COUNTS_NAME), lambda fh: np.save(fh, counts))
     h, w = first_size[0]
     atomic_write(os.path.join(output, "property"), f"{num_classes},{h},{w}\n")
-    for reason in bad:
-        print(f"warning: skipped {reason}", file=sys.stderr)
     shard_files = [f for f in files if not f.endswith(".db")]
     return {"identities": int((counts > 0).sum()), "num_classes": num_classes, "images": int(counts.sum()),
-            "bad": len(bad), "files": shard_files, "bytes": image_bytes[0],
+            "bad": len(bad.problems), "files": shard_files, "bytes": image_bytes[0],
             "seconds": time.time() - start, "output": output, "kind": kind}
 
 

@@ -17,17 +17,14 @@ import os
 import sys
 import time
 
-if not __package__:  # run as a script: make `src` importable from the repository root
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import cv2
 
-import cv2  # noqa: E402
-
-from src.cli import run_main  # noqa: E402
-from src.data.images import IMAGE_SIZE  # noqa: E402
+from src.cli import run_main
+from src.data.face_rec import write_face_dataset
+from src.data.images import IMAGE_SIZE
 from src.data.images import resize as resize_image
-from src.data.recordio import write_face_dataset  # noqa: E402
-from src.data.sources import ImageFolderSource, scan  # noqa: E402
-from src.errors import ArcFaceError  # noqa: E402
+from src.data.sources import BadSamples, ImageFolderSource, scan
+from src.errors import ArcFaceError
 
 JPEG_QUALITY = 95
 
@@ -76,17 +73,14 @@ def pack(input_dir, output, resize=False, workers=4, skip_bad=False, overwrite=F
                            f".jpg/.jpeg/.png/.bmp files)")
     check_class_names(source)
     progress = sys.stderr.isatty() if no_progress is None else not no_progress
-    bad, names = [], []
+    bad, names = BadSamples(skip_bad), []
     stats = {"resized": 0, "bytes": 0, "images": 0}
     relabel = {}  # folder label -> written label: a folder whose images were all skipped gets none
 
     def samples():
         for sample in scan(source, workers=workers, progress=progress, desc="pack_rec"):
             data, reason, resized = prepare(sample, resize)
-            if reason is not None:
-                if not skip_bad:
-                    raise ArcFaceError(f"{reason} (use --skip_bad to skip such images)")
-                bad.append(reason)
+            if bad.skip(reason):
                 continue
             if sample.label not in relabel:
                 relabel[sample.label] = len(relabel)
@@ -95,22 +89,16 @@ def pack(input_dir, output, resize=False, workers=4, skip_bad=False, overwrite=F
             stats["bytes"] += len(data)
             stats["images"] += 1
             yield data, relabel[sample.label]
+        bad.finish(stats["images"], input_dir)  # still inside the write: nothing usable leaves no files
 
-    try:
-        num_classes = write_face_dataset(output, samples(), image_size=IMAGE_SIZE)
-    except ArcFaceError as exc:
-        if "no samples to write" in str(exc):
-            raise ArcFaceError(f"{input_dir}: no usable image (all {len(bad)} were skipped as bad)") from None
-        raise
+    num_classes = write_face_dataset(output, samples(), image_size=IMAGE_SIZE)
     with open(os.path.join(output, "classes.txt"), "w", encoding="utf-8") as fh:
         fh.write("".join(name + "\n" for name in names))
-    for reason in bad:
-        print(f"warning: skipped {reason}", file=sys.stderr)
     lost = len(source.classes) - num_classes
     if lost:
         print(f"warning: {lost} class folder(s) had only bad images and got no label", file=sys.stderr)
     return {"identities": num_classes, "images": stats["images"], "bytes": stats["bytes"],
-            "resized": stats["resized"], "bad": len(bad), "skipped_files": len(source.skipped_files),
+            "resized": stats["resized"], "bad": len(bad.problems), "skipped_files": len(source.skipped_files),
             "empty_classes": len(source.empty_classes), "seconds": time.time() - start, "output": output}
 
 

@@ -5,13 +5,9 @@ Evaluation and export need only the checkpoint itself (the backbone), not this.
   python -m src.partial_fc --merge train_parallel/ArcFace-25_1421.ckpt --output merged.ckpt
 """
 import argparse
-import os
 import sys
 
-if not __package__:  # run as a script: make `src` importable from the repository root
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from src.cli import run_main  # noqa: E402
+from src.cli import run_main
 
 
 def main(argv=None):

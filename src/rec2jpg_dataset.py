@@ -18,17 +18,18 @@ import os
 import sys
 import time
 
-if not __package__:  # run as a script: make `src` importable from the repository root
+if not __package__:  # the model zoo's `python src/rec2jpg_dataset.py ...`: make `src` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import cv2  # noqa: E402
-import numpy as np  # noqa: E402
+import cv2
+import numpy as np
 
-from src.cli import run_main  # noqa: E402
-from src.data.images import image_extension  # noqa: E402
-from src.data.sources import RecordIOSource, scan  # noqa: E402
-from src.errors import ArcFaceError  # noqa: E402
-from src.files import atomic_write  # noqa: E402
+from src.cli import run_main
+from src.data.face_rec import FaceRecordDataset
+from src.data.images import image_extension
+from src.data.sources import BadSamples, scan
+from src.errors import ArcFaceError
+from src.files import atomic_write
 
 
 class Layout:
@@ -36,10 +37,9 @@ class Layout:
 
     def __init__(self, source, output, fmt):
         self.source, self.output, self.fmt = source, output, fmt
-        self.records = source.records
         self.labels = source.labels()
         max_label = int(self.labels.max()) if self.labels.size else 0
-        max_key = max(self.records.image_keys) if self.records.image_keys else 0
+        max_key = max(source.image_keys) if source.image_keys else 0
         self.class_width = len(str(max_label))
         self.key_width = max(8, len(str(max_key)))
 
@@ -48,7 +48,7 @@ class Layout:
 
     def path(self, index, head=None):
         stem = os.path.join(self.class_dir(int(self.labels[index])),
-                            f"{self.records.image_keys[index]:0{self.key_width}d}")
+                            f"{self.source.image_keys[index]:0{self.key_width}d}")
         return stem + (".png" if self.fmt == "png" else image_extension(head))
 
     def done(self, index):
@@ -62,7 +62,7 @@ class Layout:
             except OSError:
                 return False
         try:
-            size, head = self.records.image_head(index)
+            size, head = self.source.image_head(index)
         except ArcFaceError:
             return False  # unreadable: the conversion reports it
         path = self.path(index, head)
@@ -80,7 +80,7 @@ def convert(include, output, fmt="original", workers=8, skip_bad=False, no_progr
     """Convert; returns the summary dict (identities, images, written, skipped, bad, bytes, seconds).
     The progress bar shows on a terminal only (no_progress=None) or never (True)."""
     start = time.time()
-    source = RecordIOSource(include)
+    source = FaceRecordDataset(include)
     source.check_labels()
     if len(source) == 0:
         raise ArcFaceError(f"{source.rec_path}: no images to convert")
@@ -90,12 +90,9 @@ def convert(include, output, fmt="original", workers=8, skip_bad=False, no_progr
         os.makedirs(layout.class_dir(label), exist_ok=True)
     todo = [i for i in range(len(source)) if not layout.done(i)]
     written = written_bytes = 0
-    bad = []
+    bad = BadSamples(skip_bad)
     for sample in scan(source, todo, workers, progress, desc="rec2jpg"):
-        if sample.problem is not None:
-            if not skip_bad:
-                raise ArcFaceError(f"{sample.problem} (use --skip_bad to skip such records)")
-            bad.append(sample.problem)
+        if bad.skip(sample.problem):
             continue
         data = sample.data
         if fmt == "png":
@@ -103,10 +100,10 @@ def convert(include, output, fmt="original", workers=8, skip_bad=False, no_progr
         atomic_write(layout.path(sample.index, data), data, sync=False)
         written += 1
         written_bytes += len(data)
-    for reason in bad:
-        print(f"warning: skipped {reason}", file=sys.stderr)
+    complete = len(source) - len(todo)  # by an earlier run
+    bad.finish(written + complete, include)
     return {"identities": int(len(np.unique(layout.labels))), "images": len(source),
-            "written": written, "skipped": len(source) - len(todo), "bad": len(bad),
+            "written": written, "skipped": complete, "bad": len(bad.problems),
             "bytes": written_bytes, "seconds": time.time() - start, "output": output}
 
 
@@ -114,7 +111,7 @@ def summary_line(s):
     line = (f"{s['identities']} identities, {s['images']} images -> {s['output']}: {s['written']} written "
             f"({human_bytes(s['bytes'])}), {s['skipped']} skipped (already complete)")
     if s["bad"]:
-        line += f", {s['bad']} bad records skipped"
+        line += f", {s['bad']} bad images skipped"
     return line + f", {s['seconds']:.1f} s"
 
 

@@ -17,16 +17,9 @@ import pytest
 
 from src import datainfo, mindrecord, pack_rec, rec2jpg_dataset
 from src.cli import run_main
+from src.data.face_rec import FaceRecordDataset, write_face_dataset
 from src.data.pipeline import checked_iterator, create_train_dataset
-from src.data.recordio import (
-    FaceRecordDataset,
-    IndexedRecordReader,
-    IndexedRecordWriter,
-    pack_header,
-    scan_records,
-    unpack_record,
-    write_face_dataset,
-)
+from src.data.recordio import IndexedRecordReader, IndexedRecordWriter, pack_header, scan_records, unpack_record
 from src.data.sources import ImageFolderSource, MindRecordSource, detect_kind, open_source, resolve_num_classes
 from src.errors import ArcFaceError
 
@@ -409,6 +402,37 @@ def test_corrupt_input_gives_one_clear_error(case, tmp_path, capsys):
     assert code in (1, 2) and re.search(pattern, captured.out + captured.err), (case, captured)
 
 
+def test_the_converters_share_one_policy_for_bad_images(tmp_path, capsys):
+    """rec2jpg, mindrecord and pack_rec stop at a bad image with one line naming it; --skip_bad leaves it
+    out, lists it at the end and counts it in the summary; when no usable image is left, they stop."""
+    rec = small_rec(tmp_path / "rec", bad={2: b"not an image"})
+    folder = make_folder(tmp_path / "folder", ["0", "1"], per_class=2)
+    (folder / "1" / "img1.jpg").write_bytes(b"not an image")
+    record = f"key 3 at offset {idx_offsets(rec)[3]}: not a JPEG/PNG/BMP image"
+    tools = {"rec2jpg": (rec2jpg_dataset.main, ["--include", str(rec)], record),
+             "mindrecord": (mindrecord.main, ["--input", str(rec)], record),
+             "pack_rec": (pack_rec.main, ["--input", str(folder)], "1/img1.jpg: not a JPEG/PNG/BMP image")}
+    for name, (main, args, problem) in tools.items():
+        assert run_main(main, args + ["--output", str(tmp_path / name / "stop")]) == 2
+        line = error_line(capsys)
+        assert problem in line and line.endswith("(use --skip_bad to skip such images)"), (name, line)
+        assert run_main(main, args + ["--output", str(tmp_path / name / "skip"), "--skip_bad"]) == 0
+        captured = capsys.readouterr()
+        assert "1 bad images skipped" in captured.out, (name, captured.out)
+        warnings = [line for line in captured.err.splitlines() if line.startswith("warning: skipped ")]
+        assert len(warnings) == 1 and problem in warnings[0], (name, captured.err)
+    # Nothing usable left.
+    rec = small_rec(tmp_path / "all_bad_rec", n=3, bad={i: b"junk" for i in range(3)})
+    for path in folder.rglob("*.jpg"):
+        path.write_bytes(b"junk")
+    for name, (main, args, _) in tools.items():
+        data, images = (folder, 4) if name == "pack_rec" else (rec, 3)
+        assert run_main(main, [args[0], str(data), "--output", str(tmp_path / name / "none"), "--skip_bad"]) == 2
+        captured = capsys.readouterr()
+        assert f"error: {data}: no usable image (all {images} were skipped as bad)" in captured.err, name
+        assert captured.err.count("warning: skipped ") == images, (name, captured.err)
+
+
 def test_training_stops_on_an_undecodable_record_or_skips_it(tmp_path, warnings_log):
     truncated = face(200)[:-200]
     path = small_rec(tmp_path / "data", n=8, bad={5: truncated})
@@ -513,3 +537,21 @@ def test_tools_run_as_scripts_and_modules():
     result = subprocess.run([sys.executable, "src/datainfo.py", str(DATA / "nope")], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and result.stderr.strip().startswith("error: training data folder not found")
+
+
+def test_the_model_zoo_command_and_the_module_commands_run_from_the_repository(tmp_path):
+    """`python src/rec2jpg_dataset.py --include ... --output ...` as the model zoo runs it, and the other tools
+    as `python -m src.<tool>` as documented."""
+    env = dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX2")
+
+    def run(*args):
+        return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    result = run("src/rec2jpg_dataset.py", "--include", str(FIXTURE), "--output", str(tmp_path / "jpg"))
+    assert result.returncode == 0 and "3 identities, 5 images" in result.stdout, result.stderr
+    assert len([p for p in (tmp_path / "jpg").rglob("*") if p.is_file()]) == 5
+    folder = make_folder(tmp_path / "folder", ["0", "1"], per_class=1)
+    result = run("-m", "src.pack_rec", "--input", str(folder), "--output", str(tmp_path / "rec"))
+    assert result.returncode == 0 and "packed 2 images of 2 identities" in result.stdout, result.stderr
+    for module in ("src.rec2jpg_dataset", "src.mindrecord", "src.partial_fc"):
+        result = run("-m", module, "--help")
+        assert result.returncode == 0 and "usage:" in result.stdout, (module, result.stderr)

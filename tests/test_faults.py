@@ -27,7 +27,8 @@ from src import datainfo, pack_rec
 from src.checkpoint import list_checkpoints, save_checkpoint_atomic
 from src.cli import run_main
 from src.data.bins import save_bin
-from src.data.recordio import IndexedRecordWriter, pack_header, write_face_dataset
+from src.data.face_rec import write_face_dataset
+from src.data.recordio import IndexedRecordWriter, pack_header
 from src.errors import ArcFaceError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -229,7 +230,7 @@ def test_a_write_limit_in_a_real_run_is_one_error_line(tiny_data, tmp_path):
 ATOMIC_WRITERS = """
 import sys
 from src.data.bins import save_bin
-from src.data.recordio import write_face_dataset
+from src.data.face_rec import write_face_dataset
 from src.errors import ArcFaceError
 from src.files import atomic_write
 folder = sys.argv[1]

@@ -742,7 +742,7 @@ def test_fine_tuning_an_imported_model_on_an_image_folder(tiny_data, tmp_path):
 
     import train
     from src.checkpoint import read_checkpoint
-    from src.data.recordio import FaceRecordDataset
+    from src.data.face_rec import FaceRecordDataset
     weights = make_weights(iresnet_spec((2, 2, 2, 2), width=8, num_features=64), seed=3)
     write_pth(tmp_path / "backbone.pth", to_state_dict(weights))
     convert_ok(tmp_path / "backbone.pth", tmp_path / "imported.ckpt")

@@ -289,7 +289,7 @@ def test_weight_decay_skips_batchnorm():
 
 @pytest.mark.slow
 def test_corrupt_image_stops_with_its_key_unless_skip_corrupt(tiny_data, tmp_path, capsys):
-    from src.data.recordio import FaceRecordDataset, write_face_dataset
+    from src.data.face_rec import FaceRecordDataset, write_face_dataset
     good = FaceRecordDataset(str(tiny_data[0]))
     samples = [good[i] for i in range(len(good))]
     samples[5] = (samples[5][0][: len(samples[5][0]) // 2], samples[5][1])  # a truncated JPEG

@@ -1,6 +1,8 @@
 """Training and verification data: files -> sources -> the mindspore.dataset pipeline.
 
-Holds the RecordIO reader/writer, the training-source interface (RecordIO, ImageFolder, MindRecord),
-image decoding and checks, the safe `.bin` loader and the synthetic demo data.
-May import: src.errors, src.cli, src.runtime. Nothing from models, heads, training, evaluation, deploy.
+Holds the RecordIO container, the insightface layout, the Source interface and its kinds (RecordIO,
+ImageFolder, MindRecord), the one decode/verify loop of the data tools, image decoding and checks, the
+safe `.bin` loader and the synthetic demo data.
+May import: src.errors, src.cli, src.runtime, src.files, src.safe_pickle. Nothing from models, heads, training,
+evaluation, deploy.
 """

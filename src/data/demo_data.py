@@ -19,7 +19,7 @@ import numpy as np
 from tqdm import tqdm
 
 from src.data.bins import save_bin
-from src.data.recordio import write_face_dataset
+from src.data.face_rec import write_face_dataset
 
 SIZE = 112
 _SS = 2  # render at 2x and downsample: anti-aliased edges

@@ -1,4 +1,6 @@
-"""Reading and writing indexed RecordIO files (``train.rec`` + ``train.idx``).
+"""The RecordIO container (``train.rec`` + ``train.idx``, as MXNet writes them): one record walker, one
+positional read, the indexed reader and the writer. What insightface stores in it (a header record,
+identity records, a ``property`` file) is src.data.face_rec.
 
 File format
 -----------
@@ -22,54 +24,43 @@ Payload layout (the "image record" header)::
     <IfQQ  uint32 flag, float32 label, uint64 id, uint64 id2      (24 bytes)
     flag * float32                                                (label array if flag > 0)
     image bytes (JPEG / PNG)
-
-insightface dataset layout
---------------------------
-Key 0 holds a header record: flag 2, label ``[first_identity_key, end_key]`` and no image.
-Keys ``1 .. first_identity_key - 1`` are images whose label is the class id; keys
-``first_identity_key .. end_key - 1`` are one record per class with label
-``[first_image_key, end_image_key)``. A folder also holds a ``property`` file with the text
-``num_classes,height,width``. Files produced by im2rec have no header record: every key of
-the idx file is an image.
 """
 
 from __future__ import annotations
 
-import array
 import collections
-import math
 import os
 import struct
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
 from src.errors import ArcFaceError
-from src.files import atomic_path, atomic_write, temporary_name
 
 __all__ = [
     "RECORD_MAGIC",
+    "HEADER_SIZE",
     "IRHeader",
     "pack_header",
     "parse_header",
+    "header_size",
     "unpack_record",
+    "RecordFile",
     "IndexedRecordReader",
     "IndexedRecordWriter",
-    "FaceRecordDataset",
-    "write_face_dataset",
     "scan_records",
-    "read_property",
+    "overwrite_payload",
 ]
 
 RECORD_MAGIC = 0xCED7230A
 _MAGIC_BYTES = struct.pack("<I", RECORD_MAGIC)
 _REC_HEAD = struct.Struct("<II")  # magic, lrecord
 _IR_HEAD = struct.Struct("<IfQQ")  # flag, label, id, id2
+HEADER_SIZE = _IR_HEAD.size  # an image record header without its label array
 _LENGTH_BITS = 29
 _LENGTH_MASK = (1 << _LENGTH_BITS) - 1
 _MAX_PART = _LENGTH_MASK  # the largest payload piece one physical record can hold
-_MAX_EXACT_FLOAT32 = 1 << 24
 
 # cflag values of a physical record.
 _WHOLE, _FIRST, _MIDDLE, _LAST = 0, 1, 2, 3
@@ -143,8 +134,177 @@ def unpack_record(payload: bytes, where: str = "record") -> tuple[IRHeader, byte
 
 
 # --------------------------------------------------------------------------------------------
-# Reader
+# Reading: the record file and its walker, the index
 # --------------------------------------------------------------------------------------------
+
+
+class RecordFile:
+    """A ``.rec`` file read by positional I/O, and the one walker over its physical records.
+
+    The file is opened lazily and reopened whenever the object is used in a process other
+    than the one that opened it, so it can be pickled into data-loading worker processes.
+    Reads are positional, so one object may also be shared between threads.
+    """
+
+    def __init__(self, rec_path: str | os.PathLike):
+        self.rec_path = os.fspath(rec_path)
+        if not os.path.isfile(self.rec_path):
+            raise ArcFaceError(f"{self.rec_path}: record file not found")
+        self._size = os.path.getsize(self.rec_path)
+        self._fd: int | None = None
+        self._pid: int | None = None
+        self._lock = threading.Lock()
+
+    def __getstate__(self):
+        # File descriptors and locks do not survive pickling: the copy opens its own.
+        return {**self.__dict__, "_fd": None, "_pid": None, "_lock": None}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def _file(self) -> int:
+        """The descriptor of the .rec file for the current process, opening it if needed."""
+        pid = os.getpid()
+        if self._fd is not None and self._pid == pid:
+            return self._fd
+        with self._lock:
+            if self._fd is not None and self._pid != pid:
+                # Inherited through fork: drop this process's copy and open a private one.
+                try:
+                    os.close(self._fd)
+                except OSError:
+                    pass
+                self._fd = None
+            if self._fd is None:
+                try:
+                    self._fd = os.open(self.rec_path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+                except OSError as exc:
+                    raise ArcFaceError(f"{self.rec_path}: cannot open record file: {exc.strerror}") from None
+                self._pid = pid
+                self._size = os.fstat(self._fd).st_size
+            return self._fd
+
+    @property
+    def size(self) -> int:
+        """Bytes in the file when this process opened it."""
+        self._file()
+        return self._size
+
+    def _pread(self, n: int, offset: int) -> bytes:
+        """``n`` bytes from ``offset``, fewer only at the end of the file."""
+        fd = self._file()
+        chunks = []
+        while n > 0:
+            if hasattr(os, "pread"):
+                chunk = os.pread(fd, n, offset)
+            else:
+                with self._lock:  # no positional read on this platform: seek+read must not interleave
+                    os.lseek(fd, offset, os.SEEK_SET)
+                    chunk = os.read(fd, n)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            n -= len(chunk)
+            offset += len(chunk)
+        return b"".join(chunks)
+
+    def close(self) -> None:
+        """Close the file (it is reopened automatically by the next read)."""
+        if self._fd is not None and self._pid == os.getpid():
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass
+        self._fd = None
+        self._pid = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def walk(self, offset: int, key=None, read: bool = True, limit: int | None = None):
+        """Walk the physical pieces of the logical record that starts at byte ``offset``.
+
+        Returns ``(payload, payload_size, pieces, end)``: the payload with the magic words put back
+        between the pieces (None unless ``read``), its size, the number of physical records and the
+        offset just past them. With ``limit`` the first piece is read only up to ``limit`` bytes and
+        the walk stops once ``limit`` payload bytes are in (what follows is then neither read nor
+        checked). This is the one place that checks record headers: an ArcFaceError names the file,
+        the record (by ``key`` when the idx file led here) and the offset of a later piece at fault.
+        """
+        size = self.size
+        where = f"{self.rec_path}: " + (f"key {key} at offset {offset}" if key is not None else f"offset {offset}")
+        # Reached through the idx file, a broken record may just be a wrong offset there.
+        from_index = key is not None
+        if not 0 <= offset < size:
+            raise ArcFaceError(f"{where}: offset is past the end of the file ({size} bytes)")
+        parts, total, pieces, pos = [], 0, 0, offset
+        while True:
+            first = pieces == 0
+            at = "" if first else f" at offset {pos}"
+            if not first and pos >= size:
+                raise ArcFaceError(
+                    f"{where}: multi-part record is missing its continuation (end of file at offset {pos})"
+                )
+            head = self._pread(_REC_HEAD.size, pos)
+            if len(head) < _REC_HEAD.size:
+                raise ArcFaceError(f"{where}: truncated record header{at} (file has {size} bytes)")
+            magic, lrecord = _REC_HEAD.unpack(head)
+            if magic != RECORD_MAGIC:
+                hint = "; wrong offset in the idx file or corrupt file?" if from_index else ""
+                raise ArcFaceError(
+                    f"{where}: bad record magic 0x{magic:08x}{at} (expected 0x{RECORD_MAGIC:08x}{hint})"
+                )
+            cflag, length = lrecord >> _LENGTH_BITS, lrecord & _LENGTH_MASK
+            if first and cflag not in (_WHOLE, _FIRST):
+                hint = "; the idx offset does not point at the start of a record" if from_index else ""
+                raise ArcFaceError(f"{where}: record starts with a continuation piece (cflag {cflag}){hint}")
+            if not first and cflag not in (_MIDDLE, _LAST):
+                raise ArcFaceError(
+                    f"{where}: multi-part record is missing its continuation "
+                    f"(found a record with cflag {cflag} at offset {pos})"
+                )
+            need = min(length, limit) if first and limit is not None else length
+            data = self._pread(need, pos + _REC_HEAD.size) if read else b""
+            present = len(data) if read else size - pos - _REC_HEAD.size
+            if present < need:
+                raise ArcFaceError(
+                    f"{where}: truncated record{at}: declares {length} payload bytes but the file ends "
+                    f"after {present}"
+                )
+            if read:
+                if not first:
+                    parts.append(_MAGIC_BYTES)  # the writer cut the payload at a magic word and dropped it
+                parts.append(data)
+            total += length if first else 4 + length
+            pieces += 1
+            pos += _REC_HEAD.size + length + _pad4(length)
+            if cflag in (_WHOLE, _LAST) or (limit is not None and total >= limit):
+                return (b"".join(parts) if read else None), total, pieces, pos
+
+
+def scan_records(rec_path: str | os.PathLike):
+    """Walk a ``.rec`` file from its first byte, independently of any index.
+
+    Yields ``(offset, payload_size, pieces)`` for every logical record, where ``offset`` is
+    where its first physical record starts. A broken record raises the walker's ArcFaceError,
+    naming the file and the offset.
+    """
+    with RecordFile(rec_path) as records:
+        offset, size = 0, records.size
+        while offset < size:
+            _, payload_size, pieces, end = records.walk(offset, read=False)
+            yield offset, payload_size, pieces
+            offset = end
 
 
 def _parse_idx(idx_path: str, rec_path: str, rec_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -186,26 +346,15 @@ def _parse_idx(idx_path: str, rec_path: str, rec_size: int) -> tuple[np.ndarray,
     return np.asarray(keys, dtype=np.int64), np.asarray(offsets, dtype=np.int64)
 
 
-class IndexedRecordReader:
-    """Random access to the logical records of a ``.rec`` file through its ``.idx`` file.
-
-    The file is opened lazily and reopened whenever the object is used in a process other
-    than the one that opened it, so the reader can be pickled into data-loading worker
-    processes. Reads use positional I/O, so one reader may also be shared between threads.
-    """
+class IndexedRecordReader(RecordFile):
+    """Random access to the logical records of a ``.rec`` file through its ``.idx`` file."""
 
     def __init__(self, rec_path: str | os.PathLike, idx_path: str | os.PathLike | None = None):
-        self.rec_path = os.fspath(rec_path)
+        super().__init__(rec_path)
         self.idx_path = os.fspath(idx_path) if idx_path is not None else os.path.splitext(self.rec_path)[0] + ".idx"
-        if not os.path.isfile(self.rec_path):
-            raise ArcFaceError(f"{self.rec_path}: record file not found")
-        self._size = os.path.getsize(self.rec_path)
         self._keys, self._offsets = _parse_idx(self.idx_path, self.rec_path, self._size)
         self._build_lookup()
         self._keys_list: list | None = None
-        self._fd: int | None = None
-        self._pid: int | None = None
-        self._lock = threading.Lock()
 
     def _build_lookup(self) -> None:
         # Datasets have millions of keys and the reader is pickled into every worker: when the
@@ -221,87 +370,8 @@ class IndexedRecordReader:
         else:
             self._key_pos = {int(k): i for i, k in enumerate(self._keys.tolist())}
 
-    # -- pickling / process handling ---------------------------------------------------------
-
     def __getstate__(self):
-        state = self.__dict__.copy()
-        # File descriptors and locks do not survive pickling; the list view is rebuilt on demand.
-        state["_fd"] = None
-        state["_pid"] = None
-        state["_lock"] = None
-        state["_keys_list"] = None
-        return state
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        self._lock = threading.Lock()
-
-    def _file(self) -> int:
-        """The descriptor of the .rec file for the current process, opening it if needed."""
-        pid = os.getpid()
-        if self._fd is not None and self._pid == pid:
-            return self._fd
-        with self._lock:
-            if self._fd is not None and self._pid != pid:
-                # Inherited through fork: drop this process's copy and open a private one.
-                try:
-                    os.close(self._fd)
-                except OSError:
-                    pass
-                self._fd = None
-            if self._fd is None:
-                try:
-                    self._fd = os.open(self.rec_path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
-                except OSError as exc:
-                    raise ArcFaceError(f"{self.rec_path}: cannot open record file: {exc.strerror}") from None
-                self._pid = pid
-                self._size = os.fstat(self._fd).st_size
-            return self._fd
-
-    def _pread(self, n: int, offset: int) -> bytes:
-        fd = self._file()
-        if hasattr(os, "pread"):
-            chunks = []
-            while n > 0:
-                chunk = os.pread(fd, n, offset)
-                if not chunk:
-                    break
-                chunks.append(chunk)
-                n -= len(chunk)
-                offset += len(chunk)
-            return b"".join(chunks)
-        with self._lock:  # no positional read on this platform: seek+read must not interleave
-            os.lseek(fd, offset, os.SEEK_SET)
-            chunks = []
-            while n > 0:
-                chunk = os.read(fd, n)
-                if not chunk:
-                    break
-                chunks.append(chunk)
-                n -= len(chunk)
-            return b"".join(chunks)
-
-    def close(self) -> None:
-        """Close the file (it is reopened automatically by the next read)."""
-        if self._fd is not None and self._pid == os.getpid():
-            try:
-                os.close(self._fd)
-            except OSError:
-                pass
-        self._fd = None
-        self._pid = None
-
-    def __enter__(self) -> IndexedRecordReader:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass
+        return {**super().__getstate__(), "_keys_list": None}  # the list view is rebuilt on demand
 
     # -- index -------------------------------------------------------------------------------
 
@@ -316,8 +386,10 @@ class IndexedRecordReader:
         return len(self._keys)
 
     def index_arrays(self) -> tuple[np.ndarray, np.ndarray]:
-        """(keys, offsets) of the idx file as int64 arrays, in file order."""
-        return self._keys.copy(), self._offsets.copy()
+        """(keys, offsets) of the idx file as read-only int64 arrays, in file order."""
+        keys, offsets = self._keys.view(), self._offsets.view()
+        keys.flags.writeable = offsets.flags.writeable = False
+        return keys, offsets
 
     def __contains__(self, key) -> bool:
         return self._position(key) is not None
@@ -343,205 +415,21 @@ class IndexedRecordReader:
 
     def read(self, key: int) -> bytes:
         """Payload of the logical record stored under ``key``."""
-        return self._read_logical(self.offset(key), key, limit=None)
-
-    def read_at(self, offset: int) -> bytes:
-        """Payload of the logical record starting at byte ``offset``."""
-        return self._read_logical(int(offset), None, limit=None)
+        return self.walk(self.offset(key), key)[0]
 
     def read_prefix(self, key: int, nbytes: int) -> bytes:
         """At least the first ``nbytes`` of the payload under ``key`` (fewer only if the payload
         is shorter), without reading the rest when the first physical piece suffices."""
-        return self._read_logical(self.offset(key), key, limit=nbytes)
+        return self.walk(self.offset(key), key, limit=nbytes)[0]
 
     def payload_size(self, key: int) -> int:
         """Length of the payload under ``key``, from the physical record headers only (the
         payload itself is not read)."""
-        offset = self.offset(key)
-        if offset >= self._size:
-            raise ArcFaceError(
-                f"{self._where(offset, key)}: offset is past the end of the file ({self._size} bytes)"
-            )
-        total, pos, first = 0, offset, True
-        while True:
-            head = self._pread(_REC_HEAD.size, pos)
-            if len(head) < _REC_HEAD.size:
-                what = "multi-part record is missing its continuation" if not first else "truncated record header"
-                raise ArcFaceError(f"{self._where(offset, key)}: {what} at offset {pos} (file has {self._size} bytes)")
-            magic, lrecord = _REC_HEAD.unpack(head)
-            if magic != RECORD_MAGIC:
-                raise ArcFaceError(
-                    f"{self._where(offset, key)}: bad record magic 0x{magic:08x} at offset {pos} "
-                    f"(expected 0x{RECORD_MAGIC:08x}; wrong offset in the idx file or corrupt file?)"
-                )
-            cflag, length = lrecord >> _LENGTH_BITS, lrecord & _LENGTH_MASK
-            if pos + _REC_HEAD.size + length > self._size:
-                raise ArcFaceError(
-                    f"{self._where(offset, key)}: truncated record at offset {pos}: declares {length} "
-                    f"payload bytes but the file ends after {self._size - pos - _REC_HEAD.size}"
-                )
-            if first and cflag not in (_WHOLE, _FIRST):
-                raise ArcFaceError(
-                    f"{self._where(offset, key)}: record starts with a continuation piece (cflag {cflag}); "
-                    f"the idx offset does not point at the start of a record"
-                )
-            if not first and cflag not in (_MIDDLE, _LAST):
-                raise ArcFaceError(
-                    f"{self._where(offset, key)}: multi-part record is missing its continuation "
-                    f"(found a record with cflag {cflag} at offset {pos})"
-                )
-            total += length if first else 4 + length  # the reader re-inserts the magic between pieces
-            if cflag in (_WHOLE, _LAST):
-                return total
-            first = False
-            pos += _REC_HEAD.size + length + _pad4(length)
-
-    def _where(self, offset: int, key) -> str:
-        what = f"key {key} at offset {offset}" if key is not None else f"offset {offset}"
-        return f"{self.rec_path}: {what}"
-
-    def _read_physical(self, offset: int, key, start: int, limit: int | None):
-        """One physical record at ``offset`` -> (cflag, payload, next_offset).
-
-        ``start`` is the offset of the logical record (for messages); with ``limit`` only the
-        first ``limit`` payload bytes are read.
-        """
-        head = self._pread(_REC_HEAD.size, offset)
-        if len(head) < _REC_HEAD.size:
-            if offset >= self._size and offset != start:
-                raise ArcFaceError(
-                    f"{self._where(start, key)}: multi-part record is missing its continuation "
-                    f"(end of file at offset {offset})"
-                )
-            raise ArcFaceError(
-                f"{self._where(start, key)}: truncated record header at offset {offset} "
-                f"(file has {self._size} bytes)"
-            )
-        magic, lrecord = _REC_HEAD.unpack(head)
-        if magic != RECORD_MAGIC:
-            raise ArcFaceError(
-                f"{self._where(start, key)}: bad record magic 0x{magic:08x} at offset {offset} "
-                f"(expected 0x{RECORD_MAGIC:08x}; wrong offset in the idx file or corrupt file?)"
-            )
-        cflag, length = lrecord >> _LENGTH_BITS, lrecord & _LENGTH_MASK
-        want = length if limit is None else min(length, limit)
-        data = self._pread(want, offset + _REC_HEAD.size)
-        if len(data) < want:
-            raise ArcFaceError(
-                f"{self._where(start, key)}: truncated record at offset {offset}: declares "
-                f"{length} payload bytes but the file ends after {len(data)}"
-            )
-        return cflag, data, offset + _REC_HEAD.size + length + _pad4(length)
-
-    def _read_logical(self, offset: int, key, limit: int | None) -> bytes:
-        if offset < 0 or offset >= self._size:
-            raise ArcFaceError(
-                f"{self._where(offset, key)}: offset is past the end of the file ({self._size} bytes)"
-            )
-        cflag, data, nxt = self._read_physical(offset, key, offset, limit)
-        if cflag == _WHOLE:
-            return data
-        if cflag != _FIRST:
-            raise ArcFaceError(
-                f"{self._where(offset, key)}: record starts with a continuation piece "
-                f"(cflag {cflag}); the idx offset does not point at the start of a record"
-            )
-        parts = [data]
-        got = len(data)
-        while True:
-            if limit is not None and got >= limit:
-                return b"".join(parts)
-            pos = nxt
-            if pos >= self._size:
-                raise ArcFaceError(
-                    f"{self._where(offset, key)}: multi-part record is missing its continuation "
-                    f"(end of file at offset {pos})"
-                )
-            cflag, data, nxt = self._read_physical(pos, key, offset, None)
-            if cflag not in (_MIDDLE, _LAST):
-                raise ArcFaceError(
-                    f"{self._where(offset, key)}: multi-part record is missing its continuation "
-                    f"(found a record with cflag {cflag} at offset {pos})"
-                )
-            # The writer cut the payload at a magic word and dropped it: put it back.
-            parts.append(_MAGIC_BYTES)
-            parts.append(data)
-            got += 4 + len(data)
-            if cflag == _LAST:
-                return b"".join(parts)
-
-
-def scan_records(rec_path: str | os.PathLike):
-    """Walk a ``.rec`` file from its first byte, independently of any index.
-
-    Yields ``(offset, payload_size, pieces)`` for every logical record, where ``offset`` is
-    where its first physical record starts. A bad magic, a truncated record, a continuation
-    piece without a start or a multi-part record cut short raise an ArcFaceError naming the
-    file and the offset.
-    """
-    rec_path = os.fspath(rec_path)
-    try:
-        fd = os.open(rec_path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
-    except OSError as exc:
-        raise ArcFaceError(f"{rec_path}: cannot open record file: {exc.strerror}") from None
-    with os.fdopen(fd, "rb", buffering=0) as f:
-        size = os.fstat(fd).st_size
-        pos = 0
-        start = None  # offset of the open multi-part record
-        total = pieces = 0
-        while pos < size:
-            if hasattr(os, "pread"):
-                head = os.pread(fd, _REC_HEAD.size, pos)
-            else:
-                f.seek(pos)
-                head = f.read(_REC_HEAD.size)
-            if len(head) < _REC_HEAD.size:
-                raise ArcFaceError(
-                    f"{rec_path}: offset {pos}: truncated record header ({size - pos} bytes left at the end "
-                    f"of the file)"
-                )
-            magic, lrecord = _REC_HEAD.unpack(head)
-            if magic != RECORD_MAGIC:
-                raise ArcFaceError(
-                    f"{rec_path}: offset {pos}: bad record magic 0x{magic:08x} (expected 0x{RECORD_MAGIC:08x})"
-                )
-            cflag, length = lrecord >> _LENGTH_BITS, lrecord & _LENGTH_MASK
-            end = pos + _REC_HEAD.size + length
-            if end > size:
-                raise ArcFaceError(
-                    f"{rec_path}: offset {pos}: truncated record: declares {length} payload bytes but the "
-                    f"file ends after {size - pos - _REC_HEAD.size}"
-                )
-            if cflag in (_WHOLE, _FIRST):
-                if start is not None:
-                    raise ArcFaceError(
-                        f"{rec_path}: offset {start}: multi-part record is missing its continuation "
-                        f"(found a record with cflag {cflag} at offset {pos})"
-                    )
-                if cflag == _WHOLE:
-                    yield pos, length, 1
-                else:
-                    start, total, pieces = pos, length, 1
-            else:
-                if start is None:
-                    raise ArcFaceError(
-                        f"{rec_path}: offset {pos}: continuation piece (cflag {cflag}) without a first piece"
-                    )
-                total += 4 + length
-                pieces += 1
-                if cflag == _LAST:
-                    yield start, total, pieces
-                    start = None
-            pos = end + _pad4(length)
-        if start is not None:
-            raise ArcFaceError(
-                f"{rec_path}: offset {start}: multi-part record is missing its continuation "
-                f"(end of file at offset {size})"
-            )
+        return self.walk(self.offset(key), key, read=False)[1]
 
 
 # --------------------------------------------------------------------------------------------
-# Writer
+# Writing
 # --------------------------------------------------------------------------------------------
 
 
@@ -631,309 +519,13 @@ class IndexedRecordWriter:
         self.close()
 
 
-# --------------------------------------------------------------------------------------------
-# insightface layout
-# --------------------------------------------------------------------------------------------
-
-
-def read_property(path: str) -> tuple[int, tuple[int, int]]:
-    """Parse a ``property`` file (``num_classes,height,width``)."""
-    try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            text = f.read().strip()
-    except OSError as exc:
-        raise ArcFaceError(f"{path}: cannot read property file: {exc.strerror}") from None
-    fields = [s.strip() for s in text.split(",")]
-    try:
-        if len(fields) != 3:
-            raise ValueError
-        num_classes, h, w = (int(s) for s in fields)
-        if num_classes <= 0 or h <= 0 or w <= 0:
-            raise ValueError
-    except ValueError:
-        raise ArcFaceError(
-            f"{path}: expected 'num_classes,height,width' with positive integers, got {text[:80]!r}"
-        ) from None
-    return num_classes, (h, w)
-
-
-def _as_class_id(value, where: str) -> int:
-    """A label value as a non-negative integer class id."""
-    v = float(value)
-    if not math.isfinite(v) or v < 0 or v != int(v):
-        raise ArcFaceError(f"{where}: label {value!r} is not a non-negative integer class id")
-    return int(v)
-
-
-class FaceRecordDataset:
-    """Random-access view of the images of an insightface-style (or im2rec) record dataset.
-
-    ``dataset[i]`` is ``(image_bytes, class_id)`` of the i-th image. Attributes:
-
-    * ``image_keys``: the record keys of the images, in dataset order;
-    * ``has_header_record``: whether key 0 is an insightface header record;
-    * ``num_classes``: from the ``property`` file if present, else ``max(label) + 1``;
-    * ``image_size``: ``(height, width)`` from the ``property`` file, or ``None``.
-
-    Pickles cheaply (the underlying reader reopens the file in each process).
-    """
-
-    def __init__(self, folder_or_rec_path: str | os.PathLike):
-        path = os.fspath(folder_or_rec_path)
-        if os.path.isdir(path):
-            rec_path = os.path.join(path, "train.rec")
-            idx_path = os.path.join(path, "train.idx")
-            missing = [p for p in (rec_path, idx_path) if not os.path.isfile(p)]
-            if missing:
-                raise ArcFaceError(
-                    f"{path}: not a record dataset folder (missing {', '.join(os.path.basename(p) for p in missing)})"
-                )
-            folder = path
-        else:
-            if not os.path.isfile(path):
-                raise ArcFaceError(f"{path}: no such record file or dataset folder")
-            rec_path = path
-            idx_path = os.path.splitext(path)[0] + ".idx"
-            folder = os.path.dirname(path) or "."
-        self.rec_path = rec_path
-        self.reader = IndexedRecordReader(rec_path, idx_path)
-
-        self.property_path: str | None = os.path.join(folder, "property")
-        if not os.path.isfile(self.property_path):
-            self.property_path = None
-
-        self.has_header_record = False
-        self.image_keys: list = self._find_image_keys()
-        self._labels: np.ndarray | None = None
-
-        self.image_size: tuple[int, int] | None = None
-        if self.property_path is not None:
-            self.num_classes, self.image_size = read_property(self.property_path)
-        else:
-            labels = self.labels()
-            if labels.size == 0:
-                raise ArcFaceError(f"{rec_path}: dataset has no images, cannot infer the number of classes")
-            self.num_classes = int(labels.max()) + 1
-
-    def _find_image_keys(self) -> list:
-        """Keys of the images: 1 .. first_identity_key - 1 after an insightface header record,
-        else every key of the index. The header's key range is checked against the index before
-        anything is allocated from it."""
-        reader = self.reader
-        self.identity_range = None
-        if 0 not in reader:
-            return list(reader.keys)
-        where = f"{self.rec_path}: key 0"
-        head = reader.read_prefix(0, _IR_HEAD.size + 8)
-        if len(head) < _IR_HEAD.size + 8 or struct.unpack_from("<I", head, 0)[0] != 2:
-            return list(reader.keys)
-        header, image = unpack_record(reader.read(0), where)
-        # The insightface header carries no image; an im2rec image with a two-value label does,
-        # which is what tells the two apart.
-        if image:
-            return list(reader.keys)
-        first_id, end = (float(v) for v in header.label)
-        max_key = int(reader._keys.max())
-        if not (math.isfinite(first_id) and math.isfinite(end) and first_id.is_integer() and end.is_integer()
-                and 1 <= first_id <= end <= max_key + 1 and first_id - 1 <= len(reader)):
-            raise ArcFaceError(
-                f"{where}: header record announces images 1..{first_id - 1:g} and identity records up to key "
-                f"{end - 1:g}, which does not fit the index ({len(reader)} keys, largest {max_key}); the header "
-                f"is damaged"
-            )
-        keys = np.arange(1, int(first_id), dtype=np.int64)
-        # Vectorised: real datasets announce millions of image keys.
-        missing = keys[~np.isin(keys, reader._keys)]
-        if missing.size:
-            raise ArcFaceError(
-                f"{reader.idx_path}: image key {int(missing[0])} announced by the header "
-                f"record of {self.rec_path} is not in the index"
-            )
-        self.has_header_record = True
-        self.identity_range = (int(first_id), int(end))
-        return keys.tolist()
-
-    def __len__(self) -> int:
-        return len(self.image_keys)
-
-    def _label_from_header(self, header: IRHeader, where: str) -> int:
-        value = header.label if header.flag == 0 else header.label[0]
-        return _as_class_id(value, where)
-
-    def __getitem__(self, i: int) -> tuple[bytes, int]:
-        n = len(self.image_keys)
-        i = int(i)
-        if i < 0:
-            i += n
-        if not 0 <= i < n:
-            raise IndexError(f"image index {i} out of range for {n} images")
-        key = self.image_keys[i]
-        where = f"{self.rec_path}: key {key}"
-        header, image = unpack_record(self.reader.read(key), where)
-        label = self._label_from_header(header, where)
-        if not image:
-            raise ArcFaceError(f"{where}: record has no image bytes")
-        return image, label
-
-    def where(self, i: int) -> str:
-        """``<rec file>: key K at offset O`` of the i-th image, for messages."""
-        key = self.image_keys[i]
-        return f"{self.rec_path}: key {key} at offset {self.reader.offset(key)}"
-
-    def check_labels(self) -> None:
-        """Raise an ArcFaceError naming the first image (key and offset) whose label is not below
-        the class count of the ``property`` file. Negative or non-integer labels are rejected
-        while reading them."""
-        labels = self.labels()
-        if self.property_path is None or labels.size == 0:
-            return
-        bad = np.flatnonzero(labels >= self.num_classes)
-        if bad.size:
-            i = int(bad[0])
-            raise ArcFaceError(
-                f"{self.where(i)}: label {int(labels[i])} is out of range: {self.property_path} declares "
-                f"{self.num_classes} classes (labels 0..{self.num_classes - 1}); {bad.size} image(s) affected"
-            )
-
-    def read_header(self, i: int, extra: int = 0) -> tuple[IRHeader, bytes]:
-        """Header of the i-th image and the first ``extra`` bytes of its image, reading only the
-        start of the record."""
-        key = self.image_keys[i]
-        where = f"{self.rec_path}: key {key}"
-        prefix = self.reader.read_prefix(key, 64 + extra)
-        if len(prefix) >= 4 and len(prefix) < header_size(prefix) + extra:
-            prefix = self.reader.read_prefix(key, header_size(prefix) + extra)
-        header, size = parse_header(prefix, where)
-        return header, prefix[size:size + extra]
-
-    def image_head(self, i: int, nbytes: int = 16) -> tuple[int, bytes]:
-        """(size of the i-th image in bytes, its first ``nbytes``), reading only the record's start."""
-        header, head = self.read_header(i, nbytes)
-        size = self.reader.payload_size(self.image_keys[i]) - (_IR_HEAD.size + 4 * header.flag)
-        return size, head
-
-    def label_of(self, i: int) -> int:
-        """Class id of the i-th image, reading only its record header."""
-        header, _ = self.read_header(i)
-        return self._label_from_header(header, f"{self.rec_path}: key {self.image_keys[i]}")
-
-    def labels(self) -> np.ndarray:
-        """Class ids of all images (int64, dataset order); read from headers once, then cached."""
-        if self._labels is None:
-            self._labels = np.fromiter(
-                (self.label_of(i) for i in range(len(self.image_keys))),
-                dtype=np.int64,
-                count=len(self.image_keys),
-            )
-        return self._labels
-
-    def close(self) -> None:
-        self.reader.close()
-
-    def __enter__(self) -> FaceRecordDataset:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-def write_face_dataset(
-    folder: str | os.PathLike,
-    samples: Iterable[tuple[bytes, int]],
-    image_size: tuple[int, int] = (112, 112),
-) -> int:
-    """Write ``(image_bytes, class_id)`` samples as ``train.rec``/``train.idx``/``property``.
-
-    Uses the insightface layout: header record at key 0, images at keys ``1..N`` grouped by
-    class (stable order within a class), then one identity record per class
-    ``0..num_classes-1`` (a class without images gets an empty key range).
-
-    Samples are streamed to disk as they arrive, so input already ordered by class (an
-    ImageFolder walk, another record dataset) needs memory only for one label per image.
-    Unordered input is written in a first pass and reordered into the final file in a second
-    one. Files are written atomically (src.files), so an interrupted run never leaves a
-    complete-looking dataset behind. Returns the number of classes.
-    """
-    folder = os.fspath(folder)
-    h, w = (int(v) for v in image_size)
-    rec_path = os.path.join(folder, "train.rec")
-    idx_path = os.path.join(folder, "train.idx")
-    # The first pass of unordered input, reordered into the final files by the second pass.
-    scratch = [temporary_name(os.path.join(folder, name)) for name in ("pass1.rec", "pass1.idx")]
-    try:
-        with atomic_path(rec_path) as rec_tmp, atomic_path(idx_path) as idx_tmp:
-            labels = array.array("q")
-            ordered = True
-            with IndexedRecordWriter(rec_tmp, idx_tmp) as writer:
-                writer.write(0, _header_placeholder())
-                for n, (image, label) in enumerate(samples):
-                    class_id = _checked_class_id(label, f"{folder}: sample {n}")
-                    if labels and class_id < labels[-1]:
-                        ordered = False
-                    labels.append(class_id)
-                    writer.write(n + 1, pack_header(float(class_id), id=n + 1) + bytes(image))
-                if not labels:
-                    raise ArcFaceError(f"{folder}: no samples to write")
-                counts = np.bincount(np.asarray(labels, dtype=np.int64))
-                if ordered:
-                    _write_identity_records(writer, counts)
-            if not ordered:
-                # Keys 1..N hold the samples in arrival order: reorder them by class into a new file.
-                os.replace(rec_tmp, scratch[0])
-                os.replace(idx_tmp, scratch[1])
-                order = np.argsort(np.asarray(labels, dtype=np.int64), kind="stable")
-                with IndexedRecordReader(*scratch) as reader, IndexedRecordWriter(rec_tmp, idx_tmp) as writer:
-                    writer.write(0, _header_placeholder())
-                    for key, old in enumerate(order.tolist(), start=1):
-                        _, image = unpack_record(reader.read(old + 1), f"{scratch[0]}: key {old + 1}")
-                        writer.write(key, pack_header(float(labels[old]), id=key) + image)
-                    _write_identity_records(writer, counts)
-            num_images, num_classes = len(labels), len(counts)
-            _patch_header(rec_tmp, num_images, num_classes)
-    finally:
-        for path in scratch:
-            if os.path.exists(path):
-                os.remove(path)
-    atomic_write(os.path.join(folder, "property"), f"{num_classes},{h},{w}\n")
-    return num_classes
-
-
-def _checked_class_id(label, where: str) -> int:
-    if isinstance(label, bool) or np.ndim(label) != 0:
-        raise ArcFaceError(f"{where}: label {label!r} is not an integer class id")
-    class_id = _as_class_id(label, where)
-    if class_id > _MAX_EXACT_FLOAT32:
-        # Labels are stored as float32, which holds integers exactly only up to 2**24.
-        raise ArcFaceError(f"{where}: class id {class_id} is too large for a float32 label")
-    return class_id
-
-
-def _header_payload(num_images: int, num_classes: int) -> bytes:
-    first_identity = num_images + 1
-    return pack_header([first_identity, first_identity + num_classes])
-
-
-def _header_placeholder() -> bytes:
-    # Same size as the final header record: it is overwritten in place once the counts are known.
-    return _header_payload(0, 0)
-
-
-def _patch_header(rec_path: str, num_images: int, num_classes: int) -> None:
-    """Write the real header record over the placeholder at offset 0."""
-    payload = _header_payload(num_images, num_classes)
-    # Positive float32 labels and a flag of 2 never form the magic word, so the header is always
-    # one physical record of the placeholder's size.
-    assert len(_split_at_magic(payload)) == 1 and len(payload) == len(_header_placeholder())
+def overwrite_payload(rec_path: str | os.PathLike, offset: int, payload: bytes) -> None:
+    """Replace, in place, the payload of the one-piece record at ``offset`` by ``payload`` of the
+    same length: how a record written before its content was known (a count) is completed."""
+    with RecordFile(rec_path) as records:
+        _, size, pieces, _ = records.walk(offset, read=False)
+    if pieces != 1 or size != len(payload) or len(_split_at_magic(payload)) != 1:
+        raise ValueError(f"{rec_path}: offset {offset}: the new payload must fit the old record's single piece")
     with open(rec_path, "r+b") as f:
-        f.seek(_REC_HEAD.size)
+        f.seek(offset + _REC_HEAD.size)
         f.write(payload)
-
-
-def _write_identity_records(writer: IndexedRecordWriter, counts: np.ndarray) -> None:
-    """One record per class ``c`` with label ``[first_image_key, end_image_key)``."""
-    num_images = int(counts.sum())
-    ends = np.cumsum(counts) + 1
-    starts = ends - counts
-    first_identity = num_images + 1
-    for c in range(len(counts)):
-        writer.write(first_identity + c, pack_header([int(starts[c]), int(ends[c])]))

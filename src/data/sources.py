@@ -1,265 +1,33 @@
-"""Training sources: RecordIO, ImageFolder and MindRecord folders behind one interface.
+"""The kinds of training data besides RecordIO (src.data.face_rec), opening a folder by its kind,
+and the one decode/verify loop every data tool uses.
 
-A `Source` is a list of images with integer labels:
-
-  len(source), source.num_classes, source.image_size (declared (h, w) or None), source.labels()
-  source.where(index)      file and record of a sample, for messages
-  source.samples(indices)  (index, encoded bytes or None, label, problem or None) in order
-  source.dataset(...)      a mindspore.dataset of (data, label, index) rows, sharded by rank
-  source.check(report)     structural checks of the folder (datainfo)
-
-and `scan(source)` is the one decode/verify loop every tool uses (datainfo --verify, pack_rec,
-mindrecord, rec2jpg). Decoding for training happens in src.data.pipeline.
-
-Kinds of folder (`detect_kind`):
-- RecordIO: `train.rec` + `train.idx` [+ `property`], read by src.data.recordio;
+Kinds of folder (`detect_kind`), each a src.data.source.Source:
+- RecordIO: `train.rec` + `train.idx` [+ `property`], read by src.data.face_rec;
 - ImageFolder: one sub-folder per identity, all-digit names sorted numerically;
 - MindRecord: `train.mindrecord*` shards + `.db` files, `property`, `class_counts.npy`
   (written by src.mindrecord).
+
+`scan(source)` reads and decodes the samples for datainfo --verify, pack_rec, mindrecord and
+rec2jpg, which share one policy for the samples they cannot use (`BadSamples`). Decoding for
+training happens in src.data.pipeline.
 """
-import array
 import logging
 import os
+import sys
 from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
 
+from src.data.face_rec import FaceRecordDataset, read_property
 from src.data.images import IMAGE_EXTENSIONS, decode_image, why_undecodable
-from src.data.recordio import FaceRecordDataset, read_property, scan_records, unpack_record
+from src.data.source import Source
 from src.errors import ArcFaceError
 
 MINDRECORD_NAME = "train.mindrecord"
 CLASS_COUNTS_NAME = "class_counts.npy"
 
 logger = logging.getLogger("arcface")
-
-
-class Source:
-    """The interface (see the module docstring). Random-access kinds implement `read`; `samples`
-    and `dataset` are built on it."""
-
-    kind = ""
-    path = ""
-    num_classes = 0
-    image_size = None     # (height, width) declared by a `property` file
-    property_path = None  # that file
-    counts = None         # images per label, when the folder declares them (MindRecord)
-
-    def __len__(self):
-        raise NotImplementedError
-
-    def labels(self):
-        raise NotImplementedError
-
-    def where(self, index):
-        return f"{self.path}: image {index}"
-
-    def read(self, index):
-        """Encoded bytes of sample `index`; an ArcFaceError naming it when it cannot be read."""
-        raise NotImplementedError
-
-    def samples(self, indices=None):
-        labels = self.labels()
-        for index in range(len(self)) if indices is None else indices:
-            index = int(index)
-            try:
-                yield index, self.read(index), int(labels[index]), None
-            except ArcFaceError as exc:
-                yield index, None, int(labels[index]), str(exc)
-
-    def key(self, index):
-        """The identifier a converted copy keeps for sample `index` (RecordIO: its record key)."""
-        return int(index)
-
-    def byte_sizes(self, enough):
-        """(total bytes of the encoded images, largest one or an upper bound); counting may stop
-        once the total reaches `enough`."""
-        raise NotImplementedError
-
-    def problem(self, index, data):
-        """Why sample `index` (whose bytes were `data`) is unusable, for messages."""
-        if data is None or len(data) == 0:
-            try:
-                data = self.read(int(index))
-            except ArcFaceError as exc:
-                return str(exc)
-            except NotImplementedError:
-                return "no image bytes"
-        return f"{self.where(int(index))}: {why_undecodable(data)}"
-
-    def dataset(self, num_shards=1, shard_id=0, shuffle=True, workers=1):
-        """(data, label, index) rows. One reader thread whatever `workers`: reading a sample's bytes
-        takes microseconds, and Python reader threads next to the Python decoder threads fight
-        over the GIL (two of each ran 2-6x slower than one reader; bench/README.md)."""
-        import mindspore.dataset as ds
-        shard = {"num_shards": num_shards, "shard_id": shard_id} if num_shards > 1 else {}
-        return ds.GeneratorDataset(_RandomAccess(self), column_names=["data", "label", "index"], shuffle=shuffle,
-                                   num_parallel_workers=1, python_multiprocessing=False, **shard)
-
-    def check_labels(self):
-        """Raise an ArcFaceError naming the first sample whose label does not fit the declared classes."""
-
-    def check(self, report, progress=False):
-        """Structural checks of the folder; findings go to `report` (datainfo's Report). Unlike
-        training, nothing is raised for what can be reported."""
-
-
-class _RandomAccess:
-    """GeneratorDataset source over a random-access Source: (bytes as uint8, int32 label, int64
-    index). A sample that cannot be read gives empty bytes; the decoder then names it."""
-
-    def __init__(self, source):
-        self.source = source
-        self.labels = source.labels()
-
-    def __len__(self):
-        return len(self.source)
-
-    def __getitem__(self, index):
-        index = int(index)
-        try:
-            data = np.frombuffer(self.source.read(index), dtype=np.uint8)
-        except ArcFaceError:
-            data = np.zeros(0, np.uint8)
-        return data, np.int32(self.labels[index]), np.int64(index)
-
-
-# --- RecordIO -------------------------------------------------------------------------------------
-
-class RecordIOSource(Source):
-    """An insightface (or im2rec) RecordIO folder; indices are image positions, `where` names the
-    record key and offset."""
-
-    kind = "recordio"
-
-    def __init__(self, path):
-        self.path = path
-        self.records = FaceRecordDataset(path)
-        self.num_classes = self.records.num_classes
-        self.image_size = self.records.image_size
-        self.property_path = self.records.property_path
-        self.rec_path = self.records.rec_path
-
-    def __len__(self):
-        return len(self.records)
-
-    def labels(self):
-        return self.records.labels()
-
-    def where(self, index):
-        return self.records.where(index)
-
-    def read(self, index):
-        return self.records[index][0]
-
-    def key(self, index):
-        return int(self.records.image_keys[index])
-
-    def byte_sizes(self, enough):
-        total = os.path.getsize(self.rec_path)
-        if total >= enough:
-            return total, total
-        reader = self.records.reader
-        return total, max((reader.payload_size(key) for key in self.records.image_keys), default=0)
-
-    def check_labels(self):
-        self.records.check_labels()
-
-    def check(self, report, progress=False):
-        records = self.records
-        # Labels one record at a time, so that an unreadable header is a problem, not a stop (label -1).
-        from tqdm import tqdm
-        labels = np.empty(len(records), dtype=np.int64)
-        for i in tqdm(range(len(records)), unit="img", disable=not progress, desc="labels"):
-            try:
-                labels[i] = records.label_of(i)
-            except ArcFaceError as exc:
-                labels[i] = -1
-                report.problem(str(exc), "unreadable records")
-        records._labels = labels
-        layout = ("insightface layout (header record at key 0, identity records)" if records.has_header_record
-                  else "im2rec layout (no header record)")
-        report.line("kind", f"recordio, {layout}")
-        self._check_index(report, progress)
-        if records.has_header_record:
-            self._check_identity_records(report)
-
-    def _check_index(self, report, progress):
-        """Walk train.rec and compare its records with train.idx."""
-        from tqdm import tqdm
-        records = self.records
-        keys, offsets = records.reader.index_arrays()
-        starts = array.array("q")
-        walk_error = None
-        with tqdm(total=os.path.getsize(self.rec_path), unit="B", unit_scale=True, disable=not progress,
-                  desc="index") as bar:
-            last = 0
-            try:
-                for offset, _, _ in scan_records(self.rec_path):
-                    starts.append(offset)
-                    if offset - last > (1 << 24):
-                        bar.update(offset - last)
-                        last = offset
-            except ArcFaceError as exc:
-                walk_error = str(exc)
-                report.problem(walk_error)
-            bar.update(bar.total - last)
-        starts = np.frombuffer(starts, dtype=np.int64) if len(starts) else np.zeros(0, np.int64)
-        known = np.isin(offsets, starts)
-        limit = int(starts[-1]) if starts.size else -1
-        # After a broken record the walk stops: offsets beyond it cannot be checked.
-        misplaced = np.flatnonzero(~known & (offsets <= limit if walk_error else True))
-        report.problems_of("misplaced idx offsets", misplaced,
-                           lambda j: f"{records.reader.idx_path}: key {int(keys[j])} has offset {int(offsets[j])}, "
-                                     f"which is not the start of a record in {self.rec_path}")
-        unlisted = int(starts.size - np.isin(starts, offsets).sum())
-        if unlisted and not walk_error:
-            report.problem(f"{self.rec_path}: {unlisted} record(s) are not listed in {records.reader.idx_path}")
-        text = f"{starts.size} records in {os.path.basename(self.rec_path)}, {len(keys)} idx lines"
-        if walk_error:
-            text += ": the record file is damaged (see problems)"
-        elif not misplaced.size and not unlisted and starts.size == len(keys):
-            text += ": every offset starts a record"
-        else:
-            text += f": {misplaced.size} offset(s) not at a record, {unlisted} record(s) not listed"
-        report.line("index", text)
-
-    def _check_identity_records(self, report):
-        """insightface layout: identity record c must announce exactly the images labelled c."""
-        records = self.records
-        labels = records.labels()
-        first_id, end = records.identity_range
-        expected = np.full(len(records), -1, dtype=np.int64)
-        problems = 0
-        for c, key in enumerate(range(first_id, end)):
-            where = f"{self.rec_path}: identity record key {key}"
-            try:
-                record, _ = unpack_record(records.reader.read(key), where)
-            except ArcFaceError as exc:
-                report.problem(str(exc), "identity record problems")
-                problems += 1
-                continue
-            if record.flag < 2:
-                report.problem(f"{where}: expected a [first, end) key range, found a scalar label",
-                               "identity record problems")
-                problems += 1
-                continue
-            a, b = float(record.label[0]), float(record.label[1])
-            if not (a.is_integer() and b.is_integer() and 1 <= a <= b <= first_id):
-                report.problem(f"{where}: key range [{a:g}, {b:g}) is outside the images 1..{first_id - 1}",
-                               "identity record problems")
-                problems += 1
-                continue
-            expected[int(a) - 1:int(b) - 1] = c
-        mismatch = np.flatnonzero((expected != labels) & (labels >= 0))
-        report.problems_of("label/identity mismatches", mismatch,
-                           lambda i: f"{records.where(i)}: label {int(labels[i])}, but " + (
-                               f"the identity records put it in class {int(expected[i])}" if expected[i] >= 0
-                               else "no readable identity record covers it"))
-        problems += mismatch.size
-        report.line("identity rec", f"{end - first_id} identity records: "
-                    + ("consistent with the image labels" if not problems else f"{problems} problem(s)"))
 
 
 # --- ImageFolder ----------------------------------------------------------------------------------
@@ -535,7 +303,7 @@ def detect_kind(path):
                        f"(nor MindRecord files)")
 
 
-SOURCES = {"recordio": RecordIOSource, "imagefolder": ImageFolderSource, "mindrecord": MindRecordSource}
+SOURCES = {"recordio": FaceRecordDataset, "imagefolder": ImageFolderSource, "mindrecord": MindRecordSource}
 
 
 def open_source(path, for_training=True):
@@ -629,3 +397,32 @@ def parallel_map(func, items, workers):
         finally:
             for future in pending:
                 future.cancel()
+
+
+# --- the data tools' policy for bad samples -------------------------------------------------------
+
+class BadSamples:
+    """What pack_rec, mindrecord and rec2jpg do with a sample they cannot use: stop with its problem,
+    or with --skip_bad collect it, list it at the end and go on, unless nothing usable is left."""
+
+    def __init__(self, skip_bad):
+        self.skip_bad = skip_bad
+        self.problems = []
+
+    def skip(self, problem):
+        """Whether to leave out a sample with `problem` (None: a usable sample). Without --skip_bad a
+        problem stops the tool with an ArcFaceError."""
+        if problem is None:
+            return False
+        if not self.skip_bad:
+            raise ArcFaceError(f"{problem} (use --skip_bad to skip such images)")
+        self.problems.append(problem)
+        return True
+
+    def finish(self, usable, where):
+        """Warn about every skipped sample; an ArcFaceError naming `where` when no usable image is
+        left (`usable` counts them)."""
+        for problem in self.problems:
+            print(f"warning: skipped {problem}", file=sys.stderr)
+        if not usable and self.problems:
+            raise ArcFaceError(f"{where}: no usable image (all {len(self.problems)} were skipped as bad)")

@@ -1,6 +1,6 @@
 """Build the interop fixture `tests/data/mxnet_rec/` byte by byte from the documented RecordIO layout.
 
-Deliberately independent of src/recordio.py: every byte is laid out here with `struct`, the way
+Deliberately independent of src/data/recordio.py: every byte is laid out here with `struct`, the way
 MXNet's `MXIndexedRecordIO.write_idx` + `recordio.pack_img` store an insightface training set.
 
 Container (dmlc-core RecordIO):
