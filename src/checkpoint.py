@@ -90,6 +90,8 @@ def read_checkpoint(path, meta_only=False):
     try:
         params = ms.load_checkpoint(path, choice_func=choice)
     except (ValueError, RuntimeError, OSError, TypeError) as exc:
+        if meta_only and "empty after filter" in str(exc):
+            return {}, {}  # a readable checkpoint without meta entries (written by other software)
         raise ArcFaceError(f"cannot read checkpoint {path}: {str(exc).strip().splitlines()[0]}") from None
     meta = {key[len(META_PREFIX):]: _meta_value(params.pop(key)) for key in list(params)
             if key.startswith(META_PREFIX)}

@@ -1,6 +1,8 @@
 """The one place that sets up MindSpore: device, execution mode, CPU tuning, seeds, distributed context."""
 import os
 import random
+import re
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,9 +40,11 @@ def launched_distributed():
     return False
 
 
-def setup(device_target="CPU", device_id=0, mode="graph", seed=None, distributed=None):
+def setup(device_target="CPU", device_id=0, mode="graph", seed=None, distributed=None, run_log=None):
     """Select the device, execution mode and seeds; join the communication group when launched
-    as one of several workers. Returns a `Runtime` with this process's rank and the world size."""
+    as one of several workers. Returns a `Runtime` with this process's rank and the world size.
+    `run_log`: the file rank 0 logs its steps to, which tells msrun's scheduler process whether a
+    worker it lost had been training (see `_cluster_error`)."""
     if device_target not in ("Ascend", "GPU", "CPU"):
         raise ArcFaceError(f"device_target must be Ascend, GPU or CPU, not {device_target!r}")
     ms.set_context(mode=ms.GRAPH_MODE if mode == "graph" else ms.PYNATIVE_MODE)
@@ -62,21 +66,44 @@ def setup(device_target="CPU", device_id=0, mode="graph", seed=None, distributed
     if distributed:
         from mindspore.communication import get_group_size, get_rank, init
         from mindspore.context import ParallelMode
+        started = time.time()
         try:
             init()
             rank, group_size = get_rank(), get_group_size()
         except RuntimeError as exc:
-            launch_vars = ", ".join(f"{v}={os.environ[v]}" for v in ("MS_WORKER_NUM", "OMPI_COMM_WORLD_SIZE",
-                                                                      "RANK_SIZE", "RANK_TABLE_FILE")
-                                    if v in os.environ)
-            reason = str(exc).strip().splitlines()[0]
-            raise ArcFaceError(f"cannot start distributed training ({launch_vars}): {reason}; "
-                               f"launch with scripts/run_distribute_train*.sh, or unset these for one device") from None
+            raise _cluster_error(exc, started, run_log) from None
         ms.set_auto_parallel_context(parallel_mode=ParallelMode.DATA_PARALLEL, gradients_mean=True,
                                      device_num=group_size)
     if seed is not None:
         set_seed(seed)
     return Runtime(device_target=device_target, rank=rank, group_size=group_size)
+
+
+def _cluster_error(exc, started, run_log=None):
+    """The one line for an init() that failed. In msrun's scheduler process (MS_ROLE=MS_SCHED) init()
+    runs the cluster for the whole job, so its failure names the worker that stopped answering; when
+    rank 0 had logged a line since the job started (or init() ran longer than the topology time-out)
+    that rank or its node stopped during the run, not at start-up."""
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    lost = re.search(r"worker (\d+) is the first one timed out", reason)
+    if os.environ.get("MS_ROLE") == "MS_SCHED" and lost:
+        worker, seconds = lost.group(1), time.time() - started
+        topology_timeout = float(os.environ.get("MS_TOPO_TIMEOUT", "0") or 0)
+        try:
+            trained = bool(run_log) and os.path.getmtime(run_log) >= started
+        except OSError:
+            trained = False
+        if trained or (topology_timeout and seconds > topology_timeout):
+            return ArcFaceError(f"the job stopped after {seconds:.0f} s: rank {worker} stopped answering during the "
+                                f"run: that rank or its node has stopped (see worker_{worker}.log on its node); the "
+                                f"other ranks were stopped; continue with --resume auto")
+        return ArcFaceError(f"rank {worker} stopped answering the cluster scheduler after {seconds:.0f} s: it or its "
+                            f"node stopped, or it did not join within the cluster time-out (see worker_{worker}.log "
+                            f"on its node)")
+    launch_vars = ", ".join(f"{v}={os.environ[v]}" for v in ("MS_WORKER_NUM", "OMPI_COMM_WORLD_SIZE", "RANK_SIZE",
+                                                              "RANK_TABLE_FILE") if v in os.environ)
+    return ArcFaceError(f"cannot start distributed training ({launch_vars}): {reason}; launch with "
+                        f"scripts/run_distribute_train*.sh, or unset these for one device")
 
 
 def set_seed(seed):

@@ -188,6 +188,10 @@ def test_a_dead_rank_ends_the_job_and_resume_auto_continues(two_hosts, tiny_data
     assert nodes[0].returncode != 0 and stopped_after < 200, stopped_after
     worker0 = (out / "worker_0.log").read_text(errors="replace")
     assert "another rank or node has stopped" in worker0 or "another rank stopped answering" in worker0, worker0[-3000:]
+    # msrun's scheduler (node 0) names the rank that stopped, never the survivor or the start-up.
+    scheduler = (out / "scheduler.log").read_text(errors="replace")
+    errors = [line for line in scheduler.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "rank 1 stopped answering during the run" in errors[0], scheduler[-3000:]
     resumed = subprocess.run([sys.executable, str(ROOT / "train.py"), "--train_url", str(out), "--resume", "auto",
                               "--epochs", "3", "--data_url", str(tiny_data[0])], cwd=ROOT, capture_output=True,
                              text=True, timeout=600)

@@ -176,6 +176,61 @@ def test_a_second_run_into_the_same_folder_is_refused_while_the_first_runs(tiny_
     assert "in use" not in (out / "train.log").read_text()  # the refused run wrote nothing into its log
 
 
+def test_an_output_folder_that_cannot_be_written_is_one_line_and_a_refused_run_leaves_nothing(tiny_data, tmp_path,
+                                                                                            capsys):
+    (tmp_path / "a_file").write_text("not a folder")
+    args = ["--data_url", str(tiny_data[0]), "--train_url", str(tmp_path / "a_file" / "out")] + SHORT
+    assert run_main(train.main, args) == 2
+    assert "cannot write into the output folder" in one_error_line(capsys)
+    # A run refused after it took the folder (here: no checkpoint to resume) leaves no folder behind.
+    args = ["--data_url", str(tiny_data[0]), "--train_url", str(tmp_path / "new"), "--resume", "auto"] + SHORT
+    assert run_main(train.main, args) == 2
+    assert "no ArcFace-*.ckpt checkpoint" in one_error_line(capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+
+
+def test_the_lock_is_taken_again_when_its_file_was_replaced(tmp_path):
+    """A run that ends removes its lock file: a second run that opened the old file just before must not
+    hold a lock that the file now at the path does not carry."""
+    from src.training.lock import RunLock
+    first = RunLock(str(tmp_path)).acquire()
+    stale = os.open(first.path, os.O_RDWR)
+    first.release()
+    assert not (tmp_path / ".lock").exists()
+    second = RunLock(str(tmp_path)).acquire()
+    assert os.path.samestat(os.fstat(second.fd), os.stat(second.path))
+    with pytest.raises(ArcFaceError, match="in use by another training run"):
+        RunLock(str(tmp_path)).acquire()
+    os.close(stale)
+    second.release()
+
+
+@pytest.mark.slow
+def test_resume_loads_quietly_and_a_nan_checkpoint_is_refused_before_training(trained_run, tiny_data, tmp_path,
+                                                                               capfd):
+    import mindspore as ms
+
+    from src.checkpoint import read_checkpoint
+    out = tmp_path / "out"
+    shutil.copytree(trained_run, out)
+    args = ["--data_url", str(tiny_data[0]), "--train_url", str(out), "--resume", "auto", "--epochs", "5",
+            "--eval_url", ""]
+    assert run_main(train.main, args) == 0
+    err = capfd.readouterr().err
+    assert "are not loaded" not in err and "resumed from" in (out / "train.log").read_text()
+    # --ckpt_url of a checkpoint holding NaN (saved by other software): refused, naming it, before a step.
+    params, meta = read_checkpoint(str(list_checkpoints(str(out))[-1]))
+    name = next(n for n in params if n.endswith("conv1.weight"))
+    params[name] = ms.Tensor(np.full(params[name].shape, np.nan, np.float32))
+    ms.save_checkpoint([{"name": n, "data": v} for n, v in params.items()], str(tmp_path / "nan.ckpt"))
+    args = ["--data_url", str(tiny_data[0]), "--train_url", str(tmp_path / "fine_tune"), "--ckpt_url",
+            str(tmp_path / "nan.ckpt")] + SHORT + ["--max_steps", "1"]
+    assert run_main(train.main, args) == 2
+    line = [line for line in capfd.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert line == [f"error: checkpoint {tmp_path / 'nan.ckpt'} holds NaN/Inf in 1 parameter(s), e.g. {name}: it "
+                    f"comes from a diverged run; use an earlier checkpoint"], line
+
+
 @pytest.mark.slow
 def test_a_kill_during_a_save_leaves_no_temporary_file_behind(tiny_data, tmp_path, capsys):
     """What a killed save leaves (MindSpore's `.tmp` and our `.tmp-<pid>-...ckpt`) is removed by the
@@ -268,6 +323,33 @@ def test_every_atomic_write_keeps_the_earlier_file_and_no_temporary_on_a_full_di
         assert (tmp_path / name).read_bytes() == data
     assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == ["config.yaml", "rec",
                                                                                  "rec/train.rec", "set.bin"]
+
+
+@pytest.mark.parametrize("role, seconds, logged, expected", [
+    ("MS_SCHED", 60.0, True, "the job stopped after 60 s: rank 1 stopped answering during the run: that rank or its "
+                             "node has stopped (see worker_1.log on its node)"),
+    ("MS_SCHED", 500.0, False, "the job stopped after 500 s: rank 1 stopped answering during the run"),
+    ("MS_SCHED", 20.0, False, "rank 1 stopped answering the cluster scheduler after 20 s: it or its node stopped, or "
+                              "it did not join within the cluster time-out"),
+    ("MS_WORKER", 20.0, True, "cannot start distributed training (MS_WORKER_NUM=2): The total number of timed out"),
+])
+def test_a_cluster_time_out_names_the_rank_that_stopped(monkeypatch, tmp_path, role, seconds, logged, expected):
+    """msrun's scheduler runs the cluster inside init() for the whole job: when a rank dies after rank 0
+    logged its first line (or after the topology time-out) its time-out is reported as that rank
+    stopping during the run, not as a failed start of the survivor."""
+    from src.runtime import _cluster_error
+    for var in ("OMPI_COMM_WORLD_SIZE", "RANK_SIZE", "RANK_TABLE_FILE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("MS_ROLE", role)
+    monkeypatch.setenv("MS_WORKER_NUM", "2")
+    monkeypatch.setenv("MS_TOPO_TIMEOUT", "300")
+    started = time.time() - seconds
+    if logged:
+        (tmp_path / "train.log").write_text("epoch: 1 step: 1, loss is 9.0\n")
+    reason = RuntimeError("The total number of timed out node is 1. Timed out node list is: [const vector]{1}, "
+                          "worker 1 is the first one timed out, please check its log.\n\n- C++ Call Stack: ...")
+    message = str(_cluster_error(reason, started, str(tmp_path / "train.log")))
+    assert expected in message, message
 
 
 @pytest.mark.slow

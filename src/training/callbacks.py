@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from tqdm import tqdm
 
 logger = logging.getLogger("arcface")
+TRAIN_LOG = "train.log"
 
 
 @dataclass
@@ -83,7 +84,8 @@ def setup_logging(log_dir=None, main=True):
     logger.addHandler(console)
     if log_dir and main:
         os.makedirs(log_dir, exist_ok=True)
-        handler = logging.FileHandler(os.path.join(log_dir, "train.log"))
+        # delay: the file appears with the first line, so a run refused before it logs anything leaves none.
+        handler = logging.FileHandler(os.path.join(log_dir, TRAIN_LOG), delay=True)
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
         logger.addHandler(handler)
     return logger

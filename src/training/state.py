@@ -4,11 +4,13 @@ Rank 0 writes the checkpoint (everything the ranks have in common); the head wri
 state next to it (nothing on one rank, see src.heads.sharding). Restoring reads the checkpoint and
 lets the head take its rows from wherever they were stored, on any number of ranks.
 """
+import contextlib
 import glob
 import logging
 import os
 
 import mindspore as ms
+import numpy as np
 
 from src.checkpoint import (
     check_shapes,
@@ -118,20 +120,48 @@ def restore(train_cell, head, path, params=None, meta=None):
     head_names = set(head.state_names(train_cell))
     common = {k: v for k, v in params.items() if k not in head_names and not k.endswith(NOT_RESTORED)}
     check_shapes(train_cell, common, path)
+    refuse_non_finite(params, path)
     missing = [p.name for p in train_cell.get_parameters()
                if p.name not in common and p.name not in head_names and not p.name.endswith(NOT_RESTORED + OPTIONAL)]
     if missing:
         raise ArcFaceError(f"checkpoint {path} lacks {len(missing)} parameter(s) of this model, "
                            f"e.g. {missing[0]} (another --network?)")
-    ms.load_param_into_net(train_cell, common)
+    # The head's entries are loaded below, from wherever they were stored: MindSpore's warning that
+    # they "are not loaded" here would be false (what is really missing was checked above).
+    with _mindspore_warnings_off():
+        ms.load_param_into_net(train_cell, common)
     head.load_state(train_cell, path, params)
     return meta
+
+
+@contextlib.contextmanager
+def _mindspore_warnings_off():
+    from mindspore import log
+    logger = log._get_logger()  # MindSpore has no public handle on its logger
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def refuse_non_finite(params, path):
+    """A checkpoint whose parameters hold NaN/Inf (a diverged run saved by other software) would start
+    a run that diverges at once and blames the learning rate: refuse it, naming it."""
+    bad = [name for name, value in params.items()
+           if hasattr(value, "asnumpy") and value.dtype in (ms.float16, ms.float32, ms.float64, ms.bfloat16)
+           and not np.isfinite(value.asnumpy().astype(np.float32)).all()]
+    if bad:
+        raise ArcFaceError(f"checkpoint {path} holds NaN/Inf in {len(bad)} parameter(s), e.g. {bad[0]}: it comes "
+                           f"from a diverged run; use an earlier checkpoint")
 
 
 def initialise(net, path):
     """--ckpt_url: the backbone from any checkpoint holding it, the head's centres too when the
     checkpoint has a head of the same number of classes (its optimizer state is not taken)."""
     params, _ = read_checkpoint(path)
+    refuse_non_finite(params, path)
     load_backbone(net.backbone, path, params)
     head = net.head
     try:

@@ -30,6 +30,7 @@ from src.models import apply_init, get_backbone
 from src.models.flops import gmacs
 from src.training import modelarts
 from src.training.callbacks import (
+    TRAIN_LOG,
     CheckpointSaver,
     CurvePlotter,
     LossMonitor,
@@ -66,8 +67,10 @@ class Run:
 # --- phases ---------------------------------------------------------------------------------------
 
 def set_up(cfg):
-    rt = runtime.setup(cfg.device_target, cfg.device_id, cfg.mode, seed=cfg.seed)
-    run = Run(cfg, rt, os.path.join(modelarts.CACHE, "output") if cfg.modelarts else cfg.train_url)
+    output_dir = os.path.join(modelarts.CACHE, "output") if cfg.modelarts else cfg.train_url
+    rt = runtime.setup(cfg.device_target, cfg.device_id, cfg.mode, seed=cfg.seed,
+                       run_log=os.path.join(output_dir, TRAIN_LOG))
+    run = Run(cfg, rt, output_dir)
     if rt.is_main:
         run.lock = RunLock(run.output_dir).acquire()
     try:
