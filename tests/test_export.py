@@ -38,6 +38,25 @@ def test_onnx_file_is_valid_with_named_symbolic_batch(exported):
     assert [d.dim_value for d in fixed.type.tensor_type.shape.dim] == [2, 3, 112, 112]
 
 
+def test_export_leaves_folder_permissions_alone_and_files_follow_the_umask(exported, tmp_path, monkeypatch):
+    """MindSpore's exporter makes the folder owner-only and the file read-only; the README's form
+    `--file_name arcface_r100` would do that to the current folder."""
+    import os
+    import stat
+    monkeypatch.chdir(tmp_path)
+    os.chmod(tmp_path, 0o755)
+    old = os.umask(0o002)
+    try:
+        for fmt in ("ONNX", "MINDIR"):
+            assert export.main(["--ckpt_file", exported["ckpt"], "--file_name", "arcface", "--file_format", fmt]) == 0
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(tmp_path).st_mode) == 0o755
+    assert sorted(os.listdir(tmp_path)) == ["arcface.mindir", "arcface.onnx"]  # no scratch folder left
+    for name in ("arcface.onnx", "arcface.mindir"):
+        assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) == 0o664
+
+
 @pytest.mark.parametrize("batch", [1, 3, 64])
 def test_mindspore_mindir_and_onnx_give_the_same_embeddings(exported, batch):
     from src.evaluation.embedders import MindIREmbedder, MindSporeEmbedder, OnnxEmbedder, backbone_from_checkpoint

@@ -8,10 +8,12 @@
 - AIR: Ascend only.
 """
 import os
+import tempfile
 
 import numpy as np
 
 from src.errors import ArcFaceError
+from src.files import TEMP_PREFIX, atomic_path
 
 FORMATS = ("MINDIR", "AIR", "ONNX")
 SUFFIX = {"MINDIR": ".mindir", "AIR": ".air", "ONNX": ".onnx"}
@@ -35,17 +37,38 @@ def export_backbone(backbone, file_name, file_format="MINDIR", batch_size=None, 
         raise ArcFaceError(f"--batch_size must be positive, got {batch_size}")
     backbone.set_train(False)
     base = file_name[:-len(SUFFIX[file_format])] if file_name.endswith(SUFFIX[file_format]) else file_name
+    path = base + SUFFIX[file_format]
     directory = os.path.dirname(os.path.abspath(base))
-    os.makedirs(directory, exist_ok=True)
     if file_format == "MINDIR" and batch_size is None:
         example = ms.Tensor(shape=[None, 3, 112, 112], dtype=ms.float32)
     else:
         example = ms.Tensor(np.zeros((batch_size or PROBE_BATCH, 3, 112, 112), np.float32))
-    ms.export(backbone, example, file_name=base, file_format=file_format)
-    path = base + SUFFIX[file_format]
-    if file_format == "ONNX":
-        finish_onnx(path, probe_batch=None if batch_size else PROBE_BATCH)
+    try:
+        os.makedirs(directory, exist_ok=True)
+        # MindSpore's exporter makes the folder it writes into owner-only (0700) and the file read-only:
+        # it writes into a private folder of ours, and the file moves out with the user's umask.
+        with tempfile.TemporaryDirectory(prefix=f"{TEMP_PREFIX}{os.getpid()}-export-", dir=directory) as scratch:
+            written = os.path.join(scratch, "model" + SUFFIX[file_format])
+            ms.export(backbone, example, file_name=written[:-len(SUFFIX[file_format])], file_format=file_format)
+            os.chmod(written, 0o600)  # writable again for the ONNX rewrite below
+            if file_format == "ONNX":
+                finish_onnx(written, probe_batch=None if batch_size else PROBE_BATCH)
+            leftovers = sorted(set(os.listdir(scratch)) - {os.path.basename(written)})
+            if leftovers:  # e.g. the external weights of a MINDIR above 1 GB: not supported here
+                raise ArcFaceError(f"exporting {path}: the exporter also wrote {', '.join(leftovers)}, which this "
+                                   f"export does not move; export a smaller network or another format")
+            os.chmod(written, 0o666 & ~_umask())
+            with atomic_path(path) as tmp:
+                os.replace(written, tmp)
+    except OSError as exc:
+        raise ArcFaceError(f"cannot write {path}: {exc.strerror or exc}") from None
     return path
+
+
+def _umask():
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def finish_onnx(path, probe_batch=None):

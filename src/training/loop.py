@@ -11,7 +11,9 @@ or node stopped (an ArcFaceError saying so).
 """
 import logging
 import math
+import os
 import signal
+import sys
 import time
 from dataclasses import dataclass
 
@@ -97,14 +99,40 @@ def step_blocks(train_step, dataset, schedule):
         yield 1, train_step(images, labels)
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, handled like Ctrl-C: from a job scheduler, from the launcher, or from MindSpore's
-    cluster manager when another rank or node stopped answering (the ranks then stop within the
-    cluster time-out instead of waiting in a collective forever)."""
+class Stopped(KeyboardInterrupt):
+    """A signal that ends the run like Ctrl-C: the last completed step is saved. SIGTERM comes from a job
+    scheduler, the launcher, or MindSpore's cluster manager when another rank or node stopped answering
+    (the ranks then stop within the cluster time-out instead of waiting in a collective forever). While a
+    step runs, MindSpore's own SIGINT handler turns Ctrl-C into SIGTERM (`kill(getpid(), SIGTERM)`), so a
+    SIGTERM that reaches a run in the foreground of its terminal is most likely Ctrl-C."""
+
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum
+        self.from_terminal = signum == signal.SIGINT or _in_terminal_foreground()
+
+    def __str__(self):
+        if self.signum == signal.SIGINT:
+            return "SIGINT (Ctrl-C)"
+        if self.from_terminal:
+            return "Ctrl-C (which MindSpore passes on as SIGTERM while a step runs) or SIGTERM"
+        return "SIGTERM (a job scheduler, the launcher, or MindSpore after another rank stopped answering)"
 
 
-def _raise_terminated(signum, frame):
-    raise Terminated
+def _in_terminal_foreground():
+    try:
+        return os.tcgetpgrp(sys.stdin.fileno()) == os.getpgrp()
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _raise_stopped(signum, frame):
+    raise Stopped(signum)
+
+
+def _handle_stop_signals():
+    """Install the handlers of SIGINT and SIGTERM; returns the previous ones."""
+    return {signum: signal.signal(signum, _raise_stopped) for signum in (signal.SIGINT, signal.SIGTERM)}
 
 
 def run_loop(train_step, dataset, schedule, callbacks):
@@ -112,12 +140,14 @@ def run_loop(train_step, dataset, schedule, callbacks):
     repeated as often as needed, so a run resumed mid-epoch simply continues; epoch and step numbers
     derive from the global step. Step results are read back only at sync points: log lines,
     checkpoints, evaluations, epoch ends and the end (with a data sink: at the end of every sunk
-    block of steps). A scheduler's SIGTERM is handled like Ctrl-C: the last completed step is saved."""
-    previous_handler = signal.signal(signal.SIGTERM, _raise_terminated)
+    block of steps). SIGINT and SIGTERM stop it with the last completed step saved; the message names the
+    signal (see `Stopped`)."""
+    previous = _handle_stop_signals()
     try:
         return _loop(train_step, dataset, schedule, callbacks)
     finally:
-        signal.signal(signal.SIGTERM, previous_handler)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _loop(train_step, dataset, schedule, callbacks):
@@ -159,9 +189,9 @@ def _loop(train_step, dataset, schedule, callbacks):
         # Keep the work done so far: the parameters after the last completed step are consistent.
         # On several ranks a rank that died leaves its head shard of this save unwritten, and
         # --resume auto then takes the newest complete checkpoint.
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second signal must not cut the save short
-        why = ("stopped by SIGTERM (a job scheduler, the launcher, or MindSpore after another rank stopped "
-               "answering)" if isinstance(stop, Terminated) else "interrupted")
+        for signum in (signal.SIGINT, signal.SIGTERM):  # a second signal must not cut the save short
+            signal.signal(signum, signal.SIG_IGN)
+        why = f"stopped by {stop}" if isinstance(stop, Stopped) else "interrupted"
         logger.warning(f"{why} after global step {global_step}: saving the last completed step; continue with "
                        f"--resume auto")
         try:
