@@ -18,10 +18,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from src.data.align import align_face
 from src.data.images import IMAGE_EXTENSIONS, IMAGE_SIZE, decode_image, resize, why_undecodable
 from src.data.sources import ImageFolderSource, parallel_map
 from src.errors import ArcFaceError
-from src.evaluation.ijb import align_face
 from src.evaluation.verification import embed_pairs, evaluate, l2_normalize
 
 # Cosine threshold when none is given or calibrated: squared distance 1.4. Published ArcFace
