@@ -20,10 +20,11 @@ What these networks expect and return was measured on a real face, not assumed:
 - O-Net landmarks x1..x5 then y1..y5, fractions of its input box; order left eye, right eye,
   nose, left mouth corner, right mouth corner (as seen in the image), the ArcFace template's order.
 
-Rolled faces: the cascade finds faces rolled by up to ~30 degrees, but its landmarks drift as the
-roll grows. Every face found is therefore looked at a second time by O-Net, cut out upright
-(rotated by the roll its eyes show) and the landmarks mapped back; see `refine` and the figures in
-the README.
+Rolled faces: the cascade alone found the test face at every roll up to 45 degrees, so no rotated
+copies of the image are searched, but its landmarks drift as the roll grows (mean error 3.8 % of
+the inter-ocular distance at 30 degrees, 7.5 % at 40). Every face found is therefore looked at again
+by O-Net, cut out upright (rotated by the roll its eyes show) at three sizes, and the landmarks
+mapped back and averaged: 0.9-1.0 % at 30-40 degrees (`refine`; figures in the README).
 """
 from __future__ import annotations
 
