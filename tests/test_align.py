@@ -250,10 +250,11 @@ def test_the_output_folder_inside_an_input_folder_is_not_read(tree, tmp_path, ca
         assert [r[0] for r in read_csv(photos / "aligned" / "faces.csv")] == ["p_0.png"]
 
 
-def exif_rotated_jpeg(rgb, orientation=6):
-    """A JPEG storing the photo turned a quarter counter-clockwise, whose EXIF orientation 6 says to
-    turn it clockwise for display."""
-    ok, data = cv2.imencode(".jpg", np.ascontiguousarray(np.rot90(rgb[..., ::-1], 1)))
+def exif_rotated_jpeg(rgb, orientation):
+    """A JPEG storing the photo turned so that its EXIF orientation (3: half a turn, 6: a quarter
+    clockwise, 8: a quarter counter-clockwise) is needed to display it upright."""
+    turns = {3: 2, 6: 1, 8: -1}[orientation]  # counter-clockwise quarter turns of the stored pixels
+    ok, data = cv2.imencode(".jpg", np.ascontiguousarray(np.rot90(rgb[..., ::-1], turns)))
     assert ok
     tiff = b"II*\x00" + struct.pack("<IH", 8, 1) + struct.pack("<HHIHH", 0x0112, 3, 1, orientation, 0) + b"\0" * 4
     payload = b"Exif\x00\x00" + tiff
@@ -263,7 +264,7 @@ def exif_rotated_jpeg(rgb, orientation=6):
 
 @pytest.fixture(scope="module")
 def bad_tree(tmp_path_factory):
-    """Every kind of difficult file, and three readable photos of one face each."""
+    """Every kind of difficult file, and five readable photos of one face each."""
     root = tmp_path_factory.mktemp("bad")
     rng = np.random.default_rng(5)
     photo, (truth,) = make_photo(rng, [(0.8, 12, (300, 220))], size=(400, 520))
@@ -276,9 +277,10 @@ def bad_tree(tmp_path_factory):
     rgba[:40, :40, 3] = 0
     cv2.imwrite(str(root / "rgba.png"), rgba)
     truths["rgba.png"] = truth
-    (root / "exif.jpg").write_bytes(exif_rotated_jpeg(photo))
-    truths["exif.jpg"] = truth
-    good = (root / "exif.jpg").read_bytes()
+    for orientation in (3, 6, 8):
+        (root / f"exif{orientation}.jpg").write_bytes(exif_rotated_jpeg(photo, orientation))
+        truths[f"exif{orientation}.jpg"] = truth
+    good = (root / "exif6.jpg").read_bytes()
     (root / "empty.jpg").write_bytes(b"")
     (root / "truncated.jpg").write_bytes(good[:len(good) // 2])
     (root / "notes.jpg").write_text("not a photo\n")
@@ -317,13 +319,13 @@ def test_skip_bad_warns_per_file_and_reads_gray_rgba_and_exif_rotated_photos(bad
     out = tmp_path / "out"
     code, stdout, stderr = run(["--input", root, "--output", out, "--skip_bad", "--workers", "2"], capsys)
     assert code == 0, stderr
-    assert "3 photo(s), 3 face(s), 0 photo(s) without a face, 5 unreadable file(s) skipped" in stdout
+    assert "5 photo(s), 5 face(s), 0 photo(s) without a face, 5 unreadable file(s) skipped" in stdout
     warnings = stderr.strip().splitlines()
     assert len(warnings) == len(problems)
     for line, (name, why) in zip(warnings, sorted(problems.items())):
         assert line.startswith("warning: skipping ") and str(root / name) in line and why in line, line
     rows = read_csv(out / "faces.csv")
-    assert [r[0] for r in rows] == ["exif_0.png", "gray_0.png", "rgba_0.png"]
+    assert [r[0] for r in rows] == ["exif3_0.png", "exif6_0.png", "exif8_0.png", "gray_0.png", "rgba_0.png"]
     for row in rows:
         landmarks = np.array(row[3:], dtype=np.float64).reshape(5, 2)  # in the photo as displayed
         assert errors(landmarks, truths[row[1].split("/")[-1]]).mean() < 3.0, row
