@@ -4,8 +4,8 @@ The model is a checkpoint (file, or a training folder: its newest checkpoint; ru
 see --backend), a .mindir or an .onnx file. Faces are aligned 112x112 crops (files, or folders walked
 recursively in sorted order; other sizes are resized), or photos aligned with five landmarks from
 --landmarks FILE: CSV rows `image,x1,y1,...,x5,y5` (eyes, nose, mouth corners as in the
-IJB/insightface template) or a JSON object {"image": [[x, y], ...5]}; relative image paths are
-relative to that file's folder.
+IJB/insightface template), align.py's faces.csv (one face per photo: align.py --largest) or a
+JSON object {"image": [[x, y], ...5]}; relative image paths are relative to that file's folder.
 
 An embedding is emb(face) + emb(flipped face), L2-normalised, as in evaluation: the dot product of
 two rows is their cosine similarity.

@@ -370,7 +370,7 @@ def test_search_ranks_the_own_identity_first(trained_run, reference, tmp_path, c
 def test_landmarks_realign_a_warped_face(demo, reference, tmp_path, capsys):
     """Warp an aligned face into a bigger photo by a known similarity; the template points moved with
     it are its landmarks; aligning them back gives nearly the original embedding."""
-    from src.evaluation.ijb import ARCFACE_TEMPLATE
+    from src.data.align import ARCFACE_TEMPLATE
     original = demo["images"][0]
     angle, scale = np.deg2rad(25), 1.7
     rotation = scale * np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])

@@ -7,19 +7,16 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_curve
 
+from src.data.align import ARCFACE_TEMPLATE, align_face, similarity_transform
 from src.errors import ArcFaceError
 from src.evaluation.ijb import (
-    ARCFACE_TEMPLATE,
     FAR_TARGETS,
-    align_face,
     embed_ijb_faces,
     evaluate_ijb,
     evaluate_ijb_features,
     format_table,
-    load_aligned_faces,
     load_meta,
     pair_scores,
-    similarity_transform,
     tar_at_far,
     template_features,
 )
@@ -272,14 +269,16 @@ def test_batch_size_does_not_change_scores(release, batch_size):
     assert set(calls) == {batch_size}
 
 
-def test_load_aligned_faces_matches_align_face(release):
+def test_streamed_features_are_those_of_the_aligned_faces(release):
+    """Each face's feature is (emb(face) + emb(flip(face))) * faceness of its align_face crop."""
     gt = release["IJBB"]
     meta = load_meta(gt["dir"], "IJBB")
-    faces = load_aligned_faces(gt["dir"], meta, progress=False, workers=2)
-    assert faces.dtype == np.uint8 and faces.shape == (meta.num_faces, 112, 112, 3)
-    for i in (0, meta.num_faces - 1):
+    feats = embed_ijb_faces(_embedder(5), gt["dir"], meta, 5, progress=False, chunk_size=7, workers=2)
+    for i in (0, 8, meta.num_faces - 1):
         image = cv2.imread(os.path.join(gt["dir"], "loose_crop", gt["names"][i]))
-        np.testing.assert_array_equal(faces[i], align_face(image, meta.landmarks[i]))
+        x = ((align_face(image, meta.landmarks[i]).astype(np.float32) - 127.5) / 127.5).transpose(2, 0, 1)[None]
+        expected = (_project(x)[0] + _project(x[:, :, :, ::-1].copy())[0]) * meta.faceness[i]
+        np.testing.assert_allclose(feats[i], expected, rtol=1e-4, atol=1e-5)
 
 
 def test_evaluate_ijb_features_accepts_precomputed_features(release, tmp_path):
@@ -493,8 +492,8 @@ def test_missing_or_broken_image_names_the_path(copy_c, tmp_path):
         evaluate_ijb(_embedder(4), str(copy_c), "IJBC", 4, str(tmp_path / "r"), log=lambda s: None,
                      progress=False)
     assert str(victim) in str(info.value)
-    with pytest.raises(ArcFaceError) as info:
-        load_aligned_faces(str(copy_c), meta, progress=False)
+    with pytest.raises(ArcFaceError, match="missing") as info:
+        embed_ijb_faces(_embedder(4), str(copy_c), meta, 4, progress=False, chunk_size=3)
     assert str(victim) in str(info.value)
     victim.write_bytes(b"not a jpeg")
     with pytest.raises(ArcFaceError, match="decode") as info:

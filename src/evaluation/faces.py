@@ -18,10 +18,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from src.data.align import align_face
 from src.data.images import IMAGE_EXTENSIONS, IMAGE_SIZE, decode_image, resize, why_undecodable
 from src.data.sources import ImageFolderSource, parallel_map
 from src.errors import ArcFaceError
-from src.evaluation.ijb import align_face
 from src.evaluation.verification import embed_pairs, evaluate, l2_normalize
 from src.files import atomic_write
 
@@ -154,7 +154,8 @@ class Landmarks:
 
 def read_landmarks(path):
     """A CSV file of rows `image,x1,y1,...,x5,y5` (an optional header row, blank and `#` lines
-    skipped) or a JSON object {image: [[x, y], ...5]}. Relative image paths are relative to the
+    skipped; a header naming the columns `image` and `x1`..`y5` picks them from wider rows, as in
+    align.py's faces.csv) or a JSON object {image: [[x, y], ...5]}. Relative image paths are relative to the
     file's folder. A missing image is an error here, before any model is loaded."""
     if not os.path.isfile(path):
         raise ArcFaceError(f"landmark file not found: {path}")
@@ -205,8 +206,11 @@ def _number(text):
         return False
 
 
+LANDMARK_COLUMNS = ("image",) + tuple(f"{axis}{k}" for k in range(1, 6) for axis in "xy")
+
+
 def _read_csv(path):
-    entries = []
+    entries, columns = [], None
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.reader(f)
@@ -215,6 +219,13 @@ def _read_csv(path):
                 where = f"{path} line {reader.line_num}"
                 if not any(fields) or fields[0].startswith("#"):
                     continue
+                if not entries and columns is None and set(LANDMARK_COLUMNS) <= set(fields):
+                    columns = [fields.index(name) for name in LANDMARK_COLUMNS]
+                    continue  # a header naming its columns, e.g. align.py's faces.csv
+                if columns:
+                    fields = [fields[i] if i < len(fields) else "" for i in columns]
+                    if not any(fields[1:]):
+                        continue  # a photo in which align.py found no face
                 if not entries and len(fields) == 11 and not any(_number(v) for v in fields[1:]):
                     continue  # a header row
                 if len(fields) != 11:

@@ -32,25 +32,21 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-import cv2
 import numpy as np
 
+from src.data.align import align_face
 from src.data.images import decode_image
 from src.errors import ArcFaceError
 from src.evaluation.verification import embed_pairs
 from src.files import atomic_write
 
 __all__ = [
-    "ARCFACE_TEMPLATE",
     "FAR_TARGETS",
     "TARGETS",
     "IJBMeta",
     "resolve_target",
     "resolve_ijb_dir",
     "load_meta",
-    "similarity_transform",
-    "align_face",
-    "load_aligned_faces",
     "embed_ijb_faces",
     "template_features",
     "pair_scores",
@@ -61,17 +57,6 @@ __all__ = [
     "evaluate_ijb",
 ]
 
-ARCFACE_TEMPLATE = np.array(
-    [
-        [38.2946, 51.6963],
-        [73.5318, 51.5014],
-        [56.0252, 71.7366],
-        [41.5493, 92.3655],
-        [70.7299, 92.2041],
-    ],
-    dtype=np.float64,
-)
-FACE_SIZE = 112
 FAR_TARGETS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 TARGETS = ("IJBB", "IJBC")
 CHUNK_FACES = 4096
@@ -294,48 +279,6 @@ def load_meta(ijb_dir, target):
 # ---------------------------------------------------------------------------------------------
 
 
-def similarity_transform(landmarks, template=ARCFACE_TEMPLATE):
-    """Least-squares similarity (rotation, uniform scale, translation; no reflection).
-
-    Umeyama's closed form.  Returns the ``(2, 3)`` float64 matrix ``M`` with
-    ``template ~= M[:, :2] @ p + M[:, 2]`` for the landmark points ``p``.
-    """
-    src = np.asarray(landmarks, dtype=np.float64).reshape(-1, 2)
-    dst = np.asarray(template, dtype=np.float64).reshape(-1, 2)
-    if src.shape != dst.shape or len(src) < 2:
-        raise ArcFaceError(f"landmarks must have shape {dst.shape}, got {np.shape(landmarks)}")
-    if not np.all(np.isfinite(src)):
-        raise ArcFaceError("landmarks contain NaN/Inf values")
-    src_mean, dst_mean = src.mean(axis=0), dst.mean(axis=0)
-    src_c, dst_c = src - src_mean, dst - dst_mean
-    src_var = np.sum(src_c ** 2) / len(src)
-    if src_var <= 1e-12:
-        raise ArcFaceError("degenerate landmarks: all points coincide")
-    cov = dst_c.T @ src_c / len(src)
-    u, s, vt = np.linalg.svd(cov)
-    d = np.ones(2)
-    if np.linalg.det(u) * np.linalg.det(vt) < 0:
-        d[-1] = -1.0
-    rotation = u @ np.diag(d) @ vt
-    scale = float(np.sum(s * d)) / src_var
-    shift = dst_mean - scale * rotation @ src_mean
-    return np.hstack([scale * rotation, shift[:, None]])
-
-
-def align_face(image_bgr, landmarks5):
-    """Warp a BGR image so its 5 landmarks land on the ArcFace template.
-
-    Returns:
-        the aligned face, ``(112, 112, 3)`` uint8 RGB.
-    """
-    image = np.asarray(image_bgr)
-    if image.ndim != 3 or image.shape[2] != 3:
-        raise ArcFaceError(f"expected a (H, W, 3) BGR image, got shape {image.shape}")
-    matrix = similarity_transform(landmarks5)
-    warped = cv2.warpAffine(image, matrix, (FACE_SIZE, FACE_SIZE), borderValue=0.0)
-    return cv2.cvtColor(warped, cv2.COLOR_BGR2RGB)
-
-
 def _load_face(root, meta, index):
     path = os.path.join(root, "loose_crop", meta.image_names[index])
     if not os.path.isfile(path):
@@ -368,22 +311,6 @@ def _iter_face_chunks(root, meta, chunk_size, workers):
             yield start, np.stack([f.result() for f in current])
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-
-
-def load_aligned_faces(ijb_dir, meta, progress=True, workers=2):
-    """All faces of ``meta`` aligned, as ``(N, 112, 112, 3)`` uint8 RGB.
-
-    Needs ~37.6 KB per face (17.6 GB for IJB-C): use :func:`embed_ijb_faces` for full sets.
-    """
-    from tqdm import tqdm
-
-    root = resolve_ijb_dir(ijb_dir, meta.target)
-    faces = np.empty((meta.num_faces, FACE_SIZE, FACE_SIZE, 3), dtype=np.uint8)
-    with tqdm(total=meta.num_faces, disable=not progress, desc="aligning", unit="img") as bar:
-        for start, chunk in _iter_face_chunks(root, meta, CHUNK_FACES, workers):
-            faces[start:start + len(chunk)] = chunk
-            bar.update(len(chunk))
-    return faces
 
 
 def embed_ijb_faces(embed_fn, ijb_dir, meta, batch_size, progress=True, chunk_size=CHUNK_FACES,
