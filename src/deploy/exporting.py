@@ -31,8 +31,9 @@ OUTPUT_NAME = "embedding"
 PROBE_BATCH = 5
 
 
-def export_backbone(backbone, file_name, file_format="MINDIR", batch_size=None, device_target="CPU"):
-    """Write `file_name` + suffix; returns the path written."""
+def export_backbone(backbone, file_name, file_format="MINDIR", batch_size=None, device_target="CPU", metadata=None):
+    """Write `file_name` + suffix; returns the path written. `metadata` ({str: str}) is stored in an ONNX
+    file's metadata_props (ONNX Runtime reads it back as the session's custom metadata)."""
     import mindspore as ms
     file_format = file_format.upper()
     if file_format not in FORMATS:
@@ -53,23 +54,26 @@ def export_backbone(backbone, file_name, file_format="MINDIR", batch_size=None, 
     ms.export(backbone, example, file_name=base, file_format=file_format)
     path = base + SUFFIX[file_format]
     if file_format == "ONNX":
-        finish_onnx(path, probe_batch=None if batch_size else PROBE_BATCH)
+        finish_onnx(path, probe_batch=None if batch_size else PROBE_BATCH, metadata=metadata)
     return path
 
 
 def export_checkpoint(ckpt_path, file_name, file_format="MINDIR", batch_size=None, device_target="CPU",
-                      network=None, width=None, num_features=None):
+                      network=None, width=None, num_features=None, metadata=None):
     """Rebuild the backbone of a checkpoint (file or training folder: its newest) and export it."""
     from src.models import backbone_from_checkpoint
     backbone = backbone_from_checkpoint(ckpt_path, network, width, num_features)
-    return export_backbone(backbone, file_name, file_format, batch_size, device_target)
+    return export_backbone(backbone, file_name, file_format, batch_size, device_target, metadata)
 
 
-def finish_onnx(path, probe_batch=None):
+def finish_onnx(path, probe_batch=None, metadata=None):
     """Name the input `data` and the output `embedding`; with `probe_batch`, make the batch
-    dimension symbolic everywhere it was fixed to `probe_batch`. Checked with onnx.checker."""
+    dimension symbolic everywhere it was fixed to `probe_batch`; store `metadata`. Checked with
+    onnx.checker."""
     import onnx
     model = onnx.load(path)
+    for key, value in (metadata or {}).items():
+        model.metadata_props.add(key=key, value=value)
     graph = model.graph
     _rename(graph, graph.input[0].name, INPUT_NAME)
     _rename(graph, graph.output[0].name, OUTPUT_NAME)
@@ -122,8 +126,8 @@ def _unpin_reshapes(graph, probe_batch):
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def export_in_fresh_process(ckpt_path, file_name, network=None, width=None, num_features=None, shown_as=None,
-                            timeout=1800):
+def export_in_fresh_process(ckpt_path, file_name, network=None, width=None, num_features=None, metadata=None,
+                            shown_as=None, timeout=1800):
     """Export checkpoint `ckpt_path` to ONNX at `file_name` by running this module in a new Python
     process (see the module's docstring for why). Its user errors come back as one ArcFaceError, with
     the checkpoint named `shown_as` (e.g. the file a private copy was made of). Returns the path."""
@@ -131,6 +135,8 @@ def export_in_fresh_process(ckpt_path, file_name, network=None, width=None, num_
     for name, value in (("network", network), ("width", width), ("num_features", num_features)):
         if value is not None:
             command += [f"--{name}", str(value)]
+    for key, value in (metadata or {}).items():
+        command += ["--metadata", f"{key}={value}"]
     try:
         done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -149,6 +155,8 @@ def build_parser():
                                                  "prints the path written.")
     parser.add_argument("checkpoint", help="checkpoint file")
     parser.add_argument("file_name", help="output file (.onnx)")
+    parser.add_argument("--metadata", action="append", default=[], metavar="KEY=VALUE",
+                        help="stored in the model's metadata_props (repeatable)")
     add_model_options(parser, ARCHITECTURE)
     return parser
 
@@ -156,8 +164,9 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     from src import runtime
+    metadata = dict(item.partition("=")[::2] for item in args.metadata)
     runtime.setup("CPU", distributed=False)
-    print(export_checkpoint(args.checkpoint, args.file_name, "ONNX", **architecture(args)))
+    print(export_checkpoint(args.checkpoint, args.file_name, "ONNX", metadata=metadata, **architecture(args)))
     return 0
 
 

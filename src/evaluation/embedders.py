@@ -11,6 +11,13 @@ and `auto` picks for the kind and the device. A checkpoint runs in MindSpore, or
 its export, made once and cached next to it (`.onnx-cache/`); a MINDIR runs in MindSpore only, an ONNX
 file in ONNX Runtime only. Options that do not apply to a model's kind are refused, never ignored.
 
+The export cache is checked, not trusted: an export's name holds the hash of the checkpoint bytes it was
+made from, the export is made from exactly those bytes (a private copy written while hashing, loaded in
+a fresh process), and the hash is stored inside the export (ONNX metadata_props) and compared on every
+reuse. So a checkpoint replaced while it is read (best.ckpt rewritten by a running training), a folder
+copied with another checkpoint's export in its cache, or a truncated or unloadable export are each
+exported again, never served.
+
 Training gets an embedder factory (`embedder_factory`): backbone -> embedder of its current weights.
 """
 import functools
@@ -25,11 +32,13 @@ import numpy as np
 from src.cli import BACKENDS
 from src.deploy.exporting import export_in_fresh_process
 from src.errors import ArcFaceError
-from src.files import atomic_path
+from src.files import atomic_path, temporary_name
 from src.models import backbone_from_checkpoint
 
 # Part of every cache key: raise it when the export changes, so that no older export is reused.
-ONNX_EXPORT_VERSION = 1
+# 2: exports carry the key in their metadata_props.
+ONNX_EXPORT_VERSION = 2
+STAMP = "arcface_export_key"  # the metadata entry of a cached export holding its key
 KINDS = {".ckpt": "checkpoint", ".mindir": "mindir", ".onnx": "onnx"}
 KIND_NAMES = {"checkpoint": "a checkpoint", "mindir": "a MINDIR model", "onnx": "an ONNX model"}
 MODEL_TYPES = "a .ckpt checkpoint, a training folder, a .mindir or an .onnx file"
@@ -74,7 +83,8 @@ class MindIREmbedder:
 class OnnxEmbedder:
     """An ONNX model run by ONNX Runtime. Works with our exports (symbolic batch, input `data`) and
     third-party ArcFace models: the input name and a fixed batch size are read from the model, and
-    the model's own normalisation is applied as (pixel - input_mean) / input_std."""
+    the model's own normalisation is applied as (pixel - input_mean) / input_std. `metadata` is the
+    model's metadata_props."""
 
     def __init__(self, path, device_target="CPU", input_mean=127.5, input_std=127.5, log=None):
         import onnxruntime as ort
@@ -96,6 +106,7 @@ class OnnxEmbedder:
             self.session = ort.InferenceSession(path, options, providers=providers)
         except Exception as exc:  # onnxruntime raises its own exception types for bad files
             raise ArcFaceError(f"cannot load ONNX model {path}: {str(exc).splitlines()[0]}") from None
+        self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
         model_input = self.session.get_inputs()[0]
         self.input_name = model_input.name
         shape = list(model_input.shape)
@@ -281,33 +292,90 @@ def _cache_folder(path, cache_dir):
     return os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "arcface-ms", "onnx")
 
 
-def _cache_key(path, o):
+def _new_digest(o):
+    """The hash an export's key starts from: the export's version and the architecture options given."""
     options = {"network": o.network, "width": o.width, "num_features": o.num_features}
-    digest = hashlib.sha256(f"{ONNX_EXPORT_VERSION} {sorted(options.items())}".encode())
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:20]
+    return hashlib.sha256(f"{ONNX_EXPORT_VERSION} {sorted(options.items())}".encode())
+
+
+def _read_blocks(path):
+    try:
+        with open(path, "rb") as fh:
+            yield from iter(lambda: fh.read(1 << 20), b"")
+    except OSError as exc:
+        raise ArcFaceError(f"cannot read checkpoint {path}: {exc.strerror or exc}") from None
+
+
+def export_key(path, o):
+    """The cache key of checkpoint `path` as it is now: a hash of its bytes and the export options."""
+    digest = _new_digest(o)
+    for block in _read_blocks(path):
+        digest.update(block)
+    return digest.hexdigest()
+
+
+def copy_with_key(path, copy, o):
+    """Copy checkpoint `path` to `copy` and return the key of the bytes copied: one read, so the copy
+    (what is exported) and the key (what the export is named and stamped by) cannot disagree."""
+    digest = _new_digest(o)
+    try:
+        with open(copy, "wb") as out:
+            for block in _read_blocks(path):
+                digest.update(block)
+                out.write(block)
+    except OSError as exc:
+        raise ArcFaceError(f"cannot copy {path} for its ONNX export to {copy}: {exc.strerror or exc}") from None
+    return digest.hexdigest()
+
+
+def _export_path(folder, stem, key):
+    return os.path.join(folder, f"{stem}.{key[:20]}.onnx")
+
+
+def _open_stamped(target, key, o):
+    """(the embedder of a cached export, None), or (None, why it cannot be used)."""
+    try:
+        embedder = OnnxEmbedder(target, o.device_target, log=o.log)
+    except ArcFaceError as exc:
+        return None, str(exc)
+    if embedder.metadata.get(STAMP) != key:
+        return None, f"{target} was not made from this checkpoint's bytes"
+    return embedder, None
 
 
 def cached_onnx_embedder(path, o, announce=True):
-    """ONNX Runtime on the export of checkpoint file `path`, made once (in a fresh process) and cached.
-    The file name holds a hash of the checkpoint's bytes and the architecture options, so a changed
-    checkpoint never reuses an old export; older exports of the same checkpoint name are removed when
-    a new one is written. `announce`: log a new export."""
+    """ONNX Runtime on the export of checkpoint file `path`, made on first use (in a fresh process,
+    from a private copy of the bytes its key hashes) and checked against the checkpoint on each use:
+    an export that cannot be loaded or holds another key is removed and made again. Older exports of
+    the same checkpoint name are removed when a new one is written. `announce`: log a new export."""
     folder = _cache_folder(path, o.cache_dir)
     os.makedirs(folder, exist_ok=True)
     stem = os.path.basename(path)
-    target = os.path.join(folder, f"{stem}.{_cache_key(path, o)}.onnx")
-    if not os.path.isfile(target):
-        if announce:
-            o.log(f"exporting {stem} to ONNX for ONNX Runtime (once; cached in {folder})")
+    key = export_key(path, o)
+    target = _export_path(folder, stem, key)
+    if os.path.isfile(target):
+        embedder, problem = _open_stamped(target, key, o)
+        if embedder is not None:
+            return embedder
+        o.log(f"warning: the cached ONNX export cannot be used ({problem}); exporting {stem} again")
+        _remove(target)
+    if announce:
+        o.log(f"exporting {stem} to ONNX for ONNX Runtime (once; cached in {folder})")
+    copy = temporary_name(os.path.join(folder, stem))
+    try:
+        key = copy_with_key(path, copy, o)
+        target = _export_path(folder, stem, key)
         with atomic_path(target) as tmp:
-            export_in_fresh_process(path, tmp, o.network, o.width, o.num_features, shown_as=path)
-        for old in glob.glob(os.path.join(glob.escape(folder), glob.escape(stem) + ".*.onnx")):
-            if old != target:
-                _remove(old)
-    return OnnxEmbedder(target, o.device_target, log=o.log)
+            export_in_fresh_process(copy, tmp, o.network, o.width, o.num_features, {STAMP: key}, shown_as=path)
+    finally:
+        _remove(copy)
+    for old in glob.glob(os.path.join(glob.escape(folder), glob.escape(stem) + ".*.onnx")):
+        if old != target:
+            _remove(old)
+    embedder, problem = _open_stamped(target, key, o)
+    if embedder is None:
+        raise ArcFaceError(f"the ONNX export of {path} cannot be used: {problem}")
+    return embedder
 
 
 def _remove(path):
