@@ -28,7 +28,7 @@ Unreadable or undecodable images are an error, or with --skip_bad a warning each
 import argparse
 import sys
 
-from src.cli import run_main
+from src.cli import MODEL_OPTIONS, add_model_options, run_main
 
 
 def build_parser():
@@ -62,18 +62,7 @@ def build_parser():
     search.add_argument("--top_k", type=int, default=5, help="identities printed per query (default: %(default)s)")
     search.add_argument("--gallery_cache", default=None, metavar="FILE.npz",
                         help="keep the gallery's embeddings here and reuse those of unchanged images")
-    model = parser.add_argument_group("model")
-    model.add_argument("--device_target", default="CPU", choices=["Ascend", "GPU", "CPU"])
-    model.add_argument("--device_id", type=int, default=0)
-    model.add_argument("--backend", default=None, choices=["auto", "mindspore", "onnxruntime"],
-                       help="checkpoint: auto (default) runs it with ONNX Runtime on the CPU when installed (exported "
-                            "once to a cached ONNX file next to it), with MindSpore on GPU/Ascend")
-    model.add_argument("--batch_size", type=int, default=64, help="images per forward pass (default: %(default)s)")
-    model.add_argument("--input_mean", type=float, default=None, help="ONNX: pixel mean of the model (default 127.5)")
-    model.add_argument("--input_std", type=float, default=None, help="ONNX: pixel std of the model (default 127.5)")
-    model.add_argument("--network", default=None, help="checkpoint: backbone (default: as recorded in it)")
-    model.add_argument("--width", type=int, default=None, help="checkpoint: iresnet width (default: from it)")
-    model.add_argument("--num_features", type=int, default=None, help="checkpoint: embedding size (default: from it)")
+    add_model_options(parser, tuple(MODEL_OPTIONS))
     return parser
 
 
@@ -101,6 +90,7 @@ def check_options(args):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     from src.evaluation import faces
+    from src.evaluation.embedders import model_from_args
 
     check_options(args)
     landmarks = faces.read_landmarks(args.landmarks) if args.landmarks else None
@@ -111,8 +101,7 @@ def main(argv=None):
     if args.output:
         faces.check_outputs(args.output, args.overwrite)
     threshold = faces.given_threshold(args.threshold) if args.threshold is not None else None
-    model = faces.open_model(args.model, args.device_target, args.device_id, args.input_mean, args.input_std,
-                             args.network, args.width, args.num_features, args.backend)
+    model = model_from_args(args, args.model, log=faces.warn_line)
 
     if args.compare:
         if args.calibration:

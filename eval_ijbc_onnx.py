@@ -11,7 +11,7 @@ import argparse
 import os
 import sys
 
-from src.cli import run_main
+from src.cli import ONNX_INPUT, ONNX_RUNTIME_DEVICE, add_model_options, run_main
 
 
 def build_parser():
@@ -20,27 +20,25 @@ def build_parser():
                         help="IJB_release/IJBB or IJB_release/IJBC folder (or IJB_release)")
     parser.add_argument("--onnx_url", required=True, help="ONNX model file")
     parser.add_argument("--target", default="IJBC", type=str.upper, choices=["IJBB", "IJBC"])
-    parser.add_argument("--batch_size", type=int, default=128, help="images per run (default: %(default)s)")
     parser.add_argument("--result-dir", "--result_dir", dest="result_dir", default=None,
                         help="scores, ROC plot and log (default: the model's folder)")
     parser.add_argument("--job", default=None, help="method name in the table (default: the target in lower case)")
-    parser.add_argument("--device_target", default="CPU", choices=["GPU", "CPU"])
-    parser.add_argument("--input_mean", type=float, default=127.5, help="pixel mean of the model (default: 127.5)")
-    parser.add_argument("--input_std", type=float, default=127.5, help="pixel std of the model (default: 127.5)")
     parser.add_argument("--log", default=None, help="log file (default: eval_onnx_<target>.log in the result folder)")
+    add_model_options(parser, ("batch_size", "device_target") + ONNX_INPUT, batch_size=dict(default=128),
+                      device_target=ONNX_RUNTIME_DEVICE)
     return parser
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    from src.evaluation.embedders import OnnxEmbedder
+    from src.evaluation.embedders import model_from_args
     from src.evaluation.evaluate import ResultLog
     from src.evaluation.ijb import evaluate_ijb
 
     result_dir = args.result_dir or os.path.dirname(os.path.abspath(args.onnx_url))
     with ResultLog(args.log or os.path.join(result_dir, f"eval_onnx_{args.target}.log")) as log:
-        embedder = OnnxEmbedder(args.onnx_url, args.device_target, args.input_mean, args.input_std, log=log)
-        evaluate_ijb(embedder, args.image_path, args.target, args.batch_size, result_dir, job=args.job, log=log,
+        model = model_from_args(args, args.onnx_url, kind="onnx", log=log)
+        evaluate_ijb(model.embed, args.image_path, args.target, args.batch_size, result_dir, job=args.job, log=log,
                      progress=sys.stderr.isatty())
     return 0
 

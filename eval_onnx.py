@@ -11,7 +11,7 @@ import argparse
 import os
 import sys
 
-from src.cli import run_main
+from src.cli import ONNX_INPUT, ONNX_RUNTIME_DEVICE, add_model_options, run_main
 
 
 def build_parser():
@@ -20,28 +20,25 @@ def build_parser():
     parser.add_argument("--onnx_url", required=True, help="ONNX model file")
     parser.add_argument("--target", default="lfw,cfp_fp,agedb_30,calfw,cplfw",
                         help="comma-separated set names, IJBB/IJBC for IJB (default: %(default)s)")
-    parser.add_argument("--batch_size", type=int, default=64, help="images per run (default: %(default)s)")
     parser.add_argument("--nfolds", type=int, default=10, help="folds of the protocol (default: %(default)s)")
-    parser.add_argument("--device_target", default="CPU", choices=["GPU", "CPU"],
-                        help="GPU uses onnxruntime-gpu's CUDA provider when installed")
-    parser.add_argument("--input_mean", type=float, default=127.5, help="pixel mean of the model (default: 127.5)")
-    parser.add_argument("--input_std", type=float, default=127.5, help="pixel std of the model (default: 127.5)")
     parser.add_argument("--log", default=None, help="file the result lines are appended to (default: eval_onnx.log "
                                                      "next to the model)")
     parser.add_argument("--result_dir", default=None, help="IJB scores and ROC plot (default: the model's folder)")
+    add_model_options(parser, ("batch_size", "device_target") + ONNX_INPUT, device_target=ONNX_RUNTIME_DEVICE)
     return parser
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    from src.evaluation.embedders import OnnxEmbedder
+    from src.evaluation.embedders import model_from_args
     from src.evaluation.evaluate import ResultLog, run_evaluation, split_targets
 
     targets = split_targets(args.target)
     folder = os.path.dirname(os.path.abspath(args.onnx_url))
     with ResultLog(args.log or os.path.join(folder, "eval_onnx.log")) as log:
-        embedder = OnnxEmbedder(args.onnx_url, args.device_target, args.input_mean, args.input_std, log=log)
-        run_evaluation(embedder, args.eval_url, targets, args.batch_size, args.nfolds, log, args.result_dir or folder)
+        model = model_from_args(args, args.onnx_url, kind="onnx", log=log)
+        run_evaluation(model.embed, args.eval_url, targets, args.batch_size, args.nfolds, log,
+                       args.result_dir or folder)
     return 0
 
 

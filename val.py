@@ -13,7 +13,7 @@ import argparse
 import os
 import sys
 
-from src.cli import run_main
+from src.cli import ARCHITECTURE, DEVICE, add_model_options, run_main
 
 
 def build_parser():
@@ -23,36 +23,25 @@ def build_parser():
                         help="checkpoint file, or a training output folder (its latest checkpoint)")
     parser.add_argument("--target", default="lfw,cfp_fp,agedb_30,calfw,cplfw",
                         help="comma-separated set names (default: %(default)s)")
-    parser.add_argument("--network", default=None,
-                        help="backbone (default: as recorded in the checkpoint, else r100)")
-    parser.add_argument("--width", type=int, default=None, help="iresnet width (default: from the checkpoint)")
-    parser.add_argument("--num_features", type=int, default=None, help="embedding size (default: from the checkpoint)")
-    parser.add_argument("--device_target", default="CPU", choices=["Ascend", "GPU", "CPU"])
-    parser.add_argument("--backend", default="auto", choices=["auto", "mindspore", "onnxruntime"],
-                        help="auto: ONNX Runtime on the CPU when installed (faster there; the checkpoint is exported "
-                             "once to a cached ONNX file next to it), MindSpore on GPU/Ascend (default: %(default)s)")
-    parser.add_argument("--device_id", type=int, default=0)
-    parser.add_argument("--batch_size", type=int, default=64, help="images per forward pass (default: %(default)s)")
     parser.add_argument("--nfolds", type=int, default=10, help="folds of the protocol (default: %(default)s)")
     parser.add_argument("--log", default=None, help="file the result lines are appended to (default: eval.log in the "
                                                      "checkpoint's folder)")
     parser.add_argument("--result_dir", default=None, help="IJB scores and ROC plot (default: the checkpoint's folder)")
+    add_model_options(parser, ("backend", "batch_size") + DEVICE + ARCHITECTURE)
     return parser
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    from src import runtime
-    from src.evaluation.embedders import checkpoint_embedder
+    from src.evaluation.embedders import model_from_args
     from src.evaluation.evaluate import ResultLog, run_evaluation, split_targets
 
     targets = split_targets(args.target)
-    runtime.setup(args.device_target, args.device_id, distributed=False)
     folder = args.ckpt_url if os.path.isdir(args.ckpt_url) else os.path.dirname(os.path.abspath(args.ckpt_url))
-    embedder = checkpoint_embedder(args.ckpt_url, args.backend, args.device_target, args.network, args.width,
-                                   args.num_features)
+    model = model_from_args(args, args.ckpt_url, kind="checkpoint")
     with ResultLog(args.log or os.path.join(folder, "eval.log")) as log:
-        run_evaluation(embedder, args.eval_url, targets, args.batch_size, args.nfolds, log, args.result_dir or folder)
+        run_evaluation(model.embed, args.eval_url, targets, args.batch_size, args.nfolds, log,
+                       args.result_dir or folder)
     return 0
 
 

@@ -17,6 +17,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 
 import yaml
 
+from src.cli import BACKENDS, DEVICES
 from src.errors import ArcFaceError
 
 MARGINS = {"arcface": (1.0, 0.5, 0.0), "cosface": (1.0, 0.0, 0.4), "softmax": (1.0, 0.0, 0.0)}
@@ -42,7 +43,7 @@ class TrainConfig:
     resume: str = option("", "checkpoint to resume from (weights, head, optimizer, epoch/step, recorded options), "
                              "or 'auto' for the newest in --train_url")
     # Device
-    device_target: str = option("CPU", "Ascend, GPU or CPU", choices=("Ascend", "GPU", "CPU"))
+    device_target: str = option("CPU", "Ascend, GPU or CPU", choices=DEVICES)
     device_id: int = option(0, "device used by standalone training", low=0)
     device_num: int = option(1, "number of devices; the launched world size is read from mindspore.communication",
                              low=1)
@@ -108,7 +109,7 @@ class TrainConfig:
     eval_batch_size: int = option(64, "batch size for evaluation", low=1)
     eval_backend: str = option("auto", "auto (ONNX Runtime on the CPU when installed: the backbone is exported "
                                        "for each evaluation; MindSpore on GPU/Ascend), mindspore or onnxruntime",
-                               choices=("auto", "mindspore", "onnxruntime"))
+                               choices=BACKENDS)
     # Logging and checkpoints
     log_interval: int = option(50, "steps between log lines", low=1)
     save_interval: int = option(0, "steps between checkpoints (0: at the end of each epoch)", low=0)

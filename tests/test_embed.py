@@ -158,7 +158,7 @@ def test_landmark_files_csv_and_json(tmp_path):
 
 
 def test_gallery_cache_reuses_unchanged_images(toy_onnx, tmp_path):
-    from src.evaluation.embedders import OnnxEmbedder
+    from src.evaluation.embedders import Model, OnnxEmbedder
     rng = np.random.default_rng(2)
     for identity in ("ann", "bob", "cid"):
         for k in range(3):
@@ -170,7 +170,7 @@ def test_gallery_cache_reuses_unchanged_images(toy_onnx, tmp_path):
         embedded.append(len(batch))
         return onnx(batch)
 
-    model = faces.Model(counting, "toy")
+    model = Model(counting, "toy")
     gallery, cache = str(tmp_path / "gallery"), str(tmp_path / "cache.npz")
     names, first = faces.gallery_templates(model, gallery, 4, cache=cache, progress=False)
     assert names == ["ann", "bob", "cid"] and sum(embedded) == 2 * 12  # 9 images in batches of 4, with flips
@@ -184,9 +184,20 @@ def test_gallery_cache_reuses_unchanged_images(toy_onnx, tmp_path):
     assert np.array_equal(changed[[0, 2]], first[[0, 2]]) and not np.allclose(changed[1], first[1])
     embedded.clear()
     notes = []
-    faces.gallery_templates(faces.Model(counting, "another model"), gallery, 4, cache=cache, progress=False,
+    faces.gallery_templates(Model(counting, "another model"), gallery, 4, cache=cache, progress=False,
                             warn=notes.append)
     assert sum(embedded) == 2 * 12 and "made with another model" in notes[0]
+
+
+def test_the_backend_that_runs_a_model_kind_may_be_named(toy_onnx, toy_faces, tmp_path):
+    """--backend is what runs the model: an ONNX file runs in ONNX Runtime, named or chosen by auto."""
+    outputs = []
+    for backend in ("auto", "onnxruntime"):
+        outputs.append(tmp_path / f"{backend}.npy")
+        assert run_main(embed.main, ["--model", toy_onnx, "--images", str(toy_faces / "a"), "--backend", backend,
+                                     "--output", str(outputs[-1])]) == 0
+    np.testing.assert_array_equal(np.load(outputs[0]), np.load(outputs[1]))
+    assert np.load(outputs[0]).shape == (3, 8)
 
 
 def test_threshold_sources_are_printed_and_the_default_is_marked_uncalibrated(toy_onnx, toy_faces, capsys):
@@ -205,6 +216,8 @@ def test_threshold_sources_are_printed_and_the_default_is_marked_uncalibrated(to
 
 @pytest.mark.parametrize("case", ["no_images", "missing_path", "unknown_model", "missing_model", "row_length",
                                   "not_a_number", "missing_landmark_image", "landmark_json", "onnx_option",
+                                  "backend_for_onnx", "backend_for_mindir", "onnx_input_for_checkpoint",
+                                  "onnx_on_ascend",
                                   "threshold_range", "output_suffix", "output_with_compare", "no_output",
                                   "threshold_and_calibration", "gallery_not_imagefolder"])
 def test_bad_input_is_one_clear_line(case, toy_onnx, toy_faces, tmp_path, capsys):
@@ -237,6 +250,20 @@ def test_bad_input_is_one_clear_line(case, toy_onnx, toy_faces, tmp_path, capsys
     elif case == "onnx_option":
         args += ["--network", "r50"]
         expected = "--network/--width/--num_features apply to checkpoints only"
+    elif case == "backend_for_onnx":
+        args += ["--backend", "mindspore"]
+        expected = "--backend mindspore cannot run an ONNX model; it runs with onnxruntime (--backend auto)"
+    elif case in ("backend_for_mindir", "onnx_input_for_checkpoint"):
+        # refused from the file name and the options alone, before the file is read
+        model = tmp_path / ("m.mindir" if case == "backend_for_mindir" else "m.ckpt")
+        model.write_bytes(b"never read")
+        args[1] = str(model)
+        args += ["--backend", "onnxruntime"] if case == "backend_for_mindir" else ["--input_mean", "0"]
+        expected = ("--backend onnxruntime cannot run a MINDIR model; it runs with mindspore (--backend auto)"
+                    if case == "backend_for_mindir" else "--input_mean/--input_std apply to ONNX models only")
+    elif case == "onnx_on_ascend":
+        args += ["--device_target", "Ascend"]
+        expected = "ONNX models run with ONNX Runtime on CPU or GPU; on Ascend use the .mindir or the checkpoint"
     elif case == "threshold_range":
         args = ["--model", toy_onnx, "--compare", face, face, "--threshold", "1.5"]
         expected = "--threshold is a cosine similarity in [-1, 1]"

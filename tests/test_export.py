@@ -207,3 +207,27 @@ def test_ijb_through_val_and_eval_ijbc_onnx(exported, ijb_release, tmp_path, cap
     onnx_scores = np.load(tmp_path / "onnx" / "IJBC_scores.npy")
     np.testing.assert_allclose(ms_scores, onnx_scores, atol=1e-4)
     assert (tmp_path / "onnx" / "IJBC_roc.png").stat().st_size > 10_000
+
+
+def test_the_doors_share_one_model_option_group(capsys):
+    """One definition of each model/device option (src.cli.MODEL_OPTIONS); a door differs only where the
+    model zoo's seed does: no Ascend for the ONNX doors, a batch of 128 for IJB, a dynamic batch for export."""
+    import embed
+    from src.cli import MODEL_OPTIONS
+    required = {val: ["--eval_url", "e", "--ckpt_url", "c"], eval_onnx: ["--eval_url", "e", "--onnx_url", "o"],
+                eval_ijbc_onnx: ["--image-path", "i", "--onnx_url", "o"], embed: ["--model", "m"],
+                export: ["--ckpt_file", "c"]}
+    batch = {val: 64, eval_onnx: 64, eval_ijbc_onnx: 128, embed: 64, export: None}
+    for door, args in required.items():
+        parsed = door.build_parser().parse_args(args)
+        assert parsed.batch_size == batch[door] and parsed.device_target == "CPU", door.__name__
+        helps = {action.dest: action.help for action in door.build_parser()._actions}
+        for name in ("network", "backend", "input_mean", "device_id"):
+            assert helps.get(name, MODEL_OPTIONS[name]["help"]) == MODEL_OPTIONS[name]["help"], (door.__name__, name)
+        ascend = args + ["--device_target", "Ascend"]
+        if door in (eval_onnx, eval_ijbc_onnx):
+            with pytest.raises(SystemExit):
+                door.build_parser().parse_args(ascend)
+            assert "invalid choice: 'Ascend' (choose from 'GPU', 'CPU')" in capsys.readouterr().err
+        else:
+            assert door.build_parser().parse_args(ascend).device_target == "Ascend"

@@ -548,6 +548,147 @@ def test_the_merge_tool_refuses_an_output_without_the_ckpt_suffix(tmp_path, caps
     assert not list(tmp_path.iterdir())
 
 
+# --- the ONNX export cache of checkpoints ---------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def two_models(tmp_path_factory):
+    """Two checkpoints `model.ckpt` of one small architecture with different weights, each in its own
+    folder with its ONNX export cached by a first evaluation, and that export's embeddings of a batch."""
+    import mindspore as ms
+
+    from src import runtime
+    from src.evaluation.embedders import open_model
+    from src.models import get_backbone
+    runtime.setup("CPU", distributed=False)  # as every door does before MindSpore runs anything
+    root = tmp_path_factory.mktemp("two_models")
+    batch = np.random.default_rng(0).uniform(-1, 1, (6, 3, 112, 112)).astype(np.float32)
+    models = {"batch": batch}
+    for name, seed in (("A", 1), ("B", 2)):
+        ms.set_seed(seed)
+        (root / name).mkdir()
+        save_checkpoint_atomic(get_backbone("r18", width=8, num_features=32), str(root / name / "model.ckpt"),
+                               {"network": "r18", "width": 8, "num_features": 32})
+        models[name] = {"folder": root / name, "ckpt": root / name / "model.ckpt",
+                        "embeddings": open_model(str(root / name / "model.ckpt"), "onnxruntime").embed(batch)}
+        models[name]["export"], = (root / name / ".onnx-cache").glob("model.ckpt.*.onnx")
+    assert np.abs(models["A"]["embeddings"] - models["B"]["embeddings"]).max() > 0.1  # told apart below
+    return models
+
+
+def cached_export(folder):
+    """The one export in a folder's cache, and the key stamped inside it."""
+    import onnx
+    exports = list((folder / ".onnx-cache").glob("*.onnx"))
+    assert len(exports) == 1, exports
+    stamps = {p.key: p.value for p in onnx.load(str(exports[0])).metadata_props}
+    return exports[0], stamps["arcface_export_key"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("moment", ["after_hashing", "after_copying"])
+def test_a_checkpoint_replaced_while_it_is_exported_never_leaves_a_mislabelled_export(two_models, tmp_path,
+                                                                                      monkeypatch, moment):
+    """best.ckpt rewritten by a running training (an atomic rename) while evaluation exports it: made to
+    happen right after the read that keys the cache, and right after the read whose bytes are exported.
+    What is served is exactly one of the two checkpoints, the cache names and stamps it by the bytes it
+    was made from, and the next evaluation of the new file gets the new weights (the earlier cache
+    stored the old weights under the new content's key and served them from then on)."""
+    from src.evaluation import embedders
+    folder = tmp_path / "run"
+    folder.mkdir()
+    ckpt = folder / "best.ckpt"
+    shutil.copy(two_models["A"]["ckpt"], ckpt)
+    original = getattr(embedders, {"after_hashing": "export_key", "after_copying": "copy_with_key"}[moment])
+    replaced = []
+
+    def read_then_replace(*args, **kwargs):
+        result = original(*args, **kwargs)
+        if not replaced:
+            shutil.copy(two_models["B"]["ckpt"], folder / "new.ckpt.tmp")
+            os.replace(folder / "new.ckpt.tmp", ckpt)
+            replaced.append(moment)
+        return result
+
+    monkeypatch.setattr(embedders, original.__name__, read_then_replace)
+    served = embedders.open_model(str(ckpt), "onnxruntime").embed(two_models["batch"])
+    monkeypatch.undo()
+    assert replaced
+    made_from = "A" if moment == "after_copying" else "B"  # the bytes that were read for the export
+    np.testing.assert_array_equal(served, two_models[made_from]["embeddings"])
+    export, stamp = cached_export(folder)
+    options = embedders.Options()
+    key = embedders.export_key(str(two_models[made_from]["ckpt"]), options)
+    assert stamp == key and export.name == f"best.ckpt.{key[:20]}.onnx"
+    assert not [p for p in (folder / ".onnx-cache").iterdir() if p.name.startswith(".tmp-")]
+    again = embedders.open_model(str(ckpt), "onnxruntime").embed(two_models["batch"])
+    np.testing.assert_array_equal(again, two_models["B"]["embeddings"])
+    assert cached_export(folder)[1] == embedders.export_key(str(ckpt), options)
+
+
+@pytest.mark.slow
+def test_a_copied_cache_holding_another_checkpoints_export_is_detected_and_exported_again(two_models, tmp_path):
+    """A folder copied with its .onnx-cache whose export under the checkpoint's key is another
+    checkpoint's (what a checkpoint replaced during an export left behind before, or a cache copied by
+    hand): the stamp inside the export does not match, so it is exported again, and the embeddings are
+    a fresh export's."""
+    from src.evaluation.embedders import open_model
+    copied = tmp_path / "copied"
+    shutil.copytree(two_models["B"]["folder"], copied)
+    export, _ = cached_export(copied)
+    export.unlink()
+    shutil.copy(two_models["A"]["export"], export)  # A's weights under B's name
+    notes = []
+    served = open_model(str(copied / "model.ckpt"), "onnxruntime", log=notes.append).embed(two_models["batch"])
+    assert "was not made from this checkpoint's bytes" in notes[0] and "exporting model.ckpt again" in notes[0]
+    np.testing.assert_array_equal(served, two_models["B"]["embeddings"])
+    (export_now, stamp_now), (b_export, b_stamp) = cached_export(copied), cached_export(two_models["B"]["folder"])
+    assert export_now.name == b_export.name and stamp_now == b_stamp
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", ["truncated", "unloadable"])
+def test_a_damaged_cached_export_is_removed_and_exported_again(two_models, tmp_path, damage):
+    """A cached export cut short (a full disk, a copy interrupted) or one ONNX Runtime cannot load
+    stopped every evaluation until it was deleted by hand; now it is made again."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from src.evaluation.embedders import open_model
+    copied = tmp_path / "copied"
+    shutil.copytree(two_models["A"]["folder"], copied)
+    export, stamp = cached_export(copied)
+    content = export.read_bytes()
+    export.unlink()
+    if damage == "truncated":
+        export.write_bytes(content[:len(content) // 2])
+    else:  # a well-formed ONNX file with an operator no runtime has, stamped like the real one
+        graph = helper.make_graph([helper.make_node("NoSuchOperator", ["data"], ["embedding"])], "g",
+                                  [helper.make_tensor_value_info("data", TensorProto.FLOAT, ["batch", 3, 112, 112])],
+                                  [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["batch", 32])])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+        model.metadata_props.add(key="arcface_export_key", value=stamp)
+        onnx.save(model, str(export))
+    notes = []
+    served = open_model(str(copied / "model.ckpt"), "onnxruntime", log=notes.append).embed(two_models["batch"])
+    assert notes[0].startswith("warning: the cached ONNX export cannot be used (cannot load ONNX model"), notes
+    np.testing.assert_array_equal(served, two_models["A"]["embeddings"])
+    assert export.read_bytes() != content[:len(content) // 2] and cached_export(copied)[1] == stamp
+    assert len(notes) == 2  # the warning and the note of the new export; the next use takes it as it is
+    open_model(str(copied / "model.ckpt"), "onnxruntime", log=notes.append)
+    assert len(notes) == 2
+
+
+def test_a_checkpoint_the_export_process_cannot_read_is_one_line_naming_it(tmp_path, capsys):
+    """The export runs in a fresh process on a private copy: its error names the user's file."""
+    ckpt = tmp_path / "ArcFace-1_1.ckpt"
+    ckpt.write_bytes(b"not a checkpoint" * 100)
+    assert run_main(val.main, ["--eval_url", str(tmp_path), "--ckpt_url", str(ckpt), "--backend", "onnxruntime",
+                               "--log", str(tmp_path / "eval.log")]) == 2
+    line = one_error_line(capsys)
+    assert line.startswith(f"error: cannot read checkpoint {ckpt}: "), line
+    assert not [p.name for p in (tmp_path / ".onnx-cache").iterdir()]
+
+
 # --- launchers and ModelArts ----------------------------------------------------------------------
 
 def test_the_demo_never_deletes_a_folder_it_did_not_make(tmp_path):

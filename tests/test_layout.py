@@ -17,17 +17,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src"
 
-# Imports the tree makes against its packages' rules today, each removed by work in progress.
-KNOWN_EXCEPTIONS = {
-    # src/training/callbacks.py exports the ONNX model for in-training evaluation itself; the issue
-    # "Finish the house" gives training an embedder factory instead, and this import goes.
-    ("src.training", "src.deploy"),
-    # src/evaluation/__init__.py was written before src/files.py (the one atomic write) existed; its
-    # "May import:" line gains src.files with the evaluation work of the issue "Finish the house".
-    ("src.evaluation", "src.files"),
-}
-
-
 def module_name(path):
     parts = path.relative_to(ROOT).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
@@ -128,15 +117,8 @@ def test_each_package_imports_only_what_its_init_allows():
         for path in sorted((SRC / package).rglob("*.py")):
             for line, name in imports_of(path):
                 target = unit(name)
-                if target not in allowed and (f"src.{package}", target) not in KNOWN_EXCEPTIONS:
+                if target not in allowed:
                     problems.append(f"  {path.relative_to(ROOT)}:{line} imports {name}, but "
                                     f"src/{package}/__init__.py allows only {', '.join(sorted(allowed))}")
     assert not problems, "imports against the layout (fix the import, or the package's 'May import:' line):\n" \
         + "\n".join(problems)
-
-
-def test_the_known_exceptions_still_exist():
-    """An exception that the tree no longer needs is removed from the list, so it cannot hide a new one."""
-    made = {(f"src.{package}", unit(name)) for package in packages()
-            for path in (SRC / package).rglob("*.py") for _, name in imports_of(path)}
-    assert KNOWN_EXCEPTIONS <= made, f"no longer needed, remove from KNOWN_EXCEPTIONS: {KNOWN_EXCEPTIONS - made}"

@@ -102,10 +102,10 @@ def test_onnxruntime_backend_gives_the_same_lines_and_caches_the_export(trained_
 
 
 def test_backend_embeddings_agree(trained_run):
-    from src.evaluation.embedders import checkpoint_embedder
+    from src.evaluation.embedders import open_model
     batch = np.random.default_rng(0).uniform(-1, 1, (5, 3, 112, 112)).astype(np.float32)
-    ms_emb = checkpoint_embedder(str(trained_run / "ArcFace-4_8.ckpt"), "mindspore")(batch)
-    ort_emb = checkpoint_embedder(str(trained_run / "ArcFace-4_8.ckpt"), "onnxruntime")(batch)
+    ms_emb = open_model(str(trained_run / "ArcFace-4_8.ckpt"), "mindspore").embed(batch)
+    ort_emb = open_model(str(trained_run / "ArcFace-4_8.ckpt"), "onnxruntime").embed(batch)
     assert float(np.abs(ms_emb - ort_emb).max() / np.abs(ms_emb).max()) <= 1e-4
 
 
@@ -113,6 +113,7 @@ def test_evaluation_during_training_gives_the_same_numbers_with_both_backends(ti
     import types
 
     from src.data.bins import load_bin
+    from src.evaluation.embedders import embedder_factory
     from src.models import get_backbone
     from src.training.callbacks import SyncState, VerificationMonitor
     backbone = get_backbone("r18", width=8, num_features=32)
@@ -121,8 +122,10 @@ def test_evaluation_during_training_gives_the_same_numbers_with_both_backends(ti
     state = SyncState(1, 1, 1, 1, 1, 1.0, 0.1, 1, 1.0, 8)
     results = {}
     for backend in ("mindspore", "onnxruntime"):
-        monitor = VerificationMonitor(backbone, sets, 1, 16, writer, metrics_path=str(tmp_path / f"{backend}.jsonl"),
-                                      backend=backend, model={"network": "r18", "width": 8, "num_features": 32})
+        factory = embedder_factory(backend, "CPU", str(tmp_path / ".onnx-cache"),
+                                   {"network": "r18", "width": 8, "num_features": 32})
+        monitor = VerificationMonitor(backbone, sets, 1, 16, writer, factory,
+                                      metrics_path=str(tmp_path / f"{backend}.jsonl"))
         monitor.evaluate(state)
         results[backend] = json.loads((tmp_path / f"{backend}.jsonl").read_text())["eval"]["demo"]
     assert results["mindspore"] == results["onnxruntime"]

@@ -6,12 +6,21 @@
   target: one file serves every batch size. The input is named `data` and the output
   `embedding` (insightface's input convention), 512-d.
 - AIR: Ascend only.
+
+`python -m src.deploy.exporting CKPT FILE.onnx` exports a checkpoint to ONNX in a process of its own:
+MindSpore cannot export a network of a class whose training graph the calling process already compiled
+(BatchNorm's training outputs are cached with the class's graph), so evaluation during training and
+the evaluation's export cache run it through `export_in_fresh_process`.
 """
+import argparse
 import os
+import subprocess
+import sys
 import tempfile
 
 import numpy as np
 
+from src.cli import ARCHITECTURE, add_model_options, architecture, run_main
 from src.errors import ArcFaceError
 from src.files import TEMP_PREFIX, atomic_path
 
@@ -24,8 +33,9 @@ OUTPUT_NAME = "embedding"
 PROBE_BATCH = 5
 
 
-def export_backbone(backbone, file_name, file_format="MINDIR", batch_size=None, device_target="CPU"):
-    """Write `file_name` + suffix; returns the path written."""
+def export_backbone(backbone, file_name, file_format="MINDIR", batch_size=None, device_target="CPU", metadata=None):
+    """Write `file_name` + suffix; returns the path written. `metadata` ({str: str}) is stored in an ONNX
+    file's metadata_props (ONNX Runtime reads it back as the session's custom metadata)."""
     import mindspore as ms
     file_format = file_format.upper()
     if file_format not in FORMATS:
@@ -52,7 +62,7 @@ def export_backbone(backbone, file_name, file_format="MINDIR", batch_size=None, 
             ms.export(backbone, example, file_name=written[:-len(SUFFIX[file_format])], file_format=file_format)
             os.chmod(written, 0o600)  # writable again for the ONNX rewrite below
             if file_format == "ONNX":
-                finish_onnx(written, probe_batch=None if batch_size else PROBE_BATCH)
+                finish_onnx(written, probe_batch=None if batch_size else PROBE_BATCH, metadata=metadata)
             leftovers = sorted(set(os.listdir(scratch)) - {os.path.basename(written)})
             if leftovers:  # e.g. the external weights of a MINDIR above 1 GB: not supported here
                 raise ArcFaceError(f"exporting {path}: the exporter also wrote {', '.join(leftovers)}, which this "
@@ -71,11 +81,22 @@ def _umask():
     return mask
 
 
-def finish_onnx(path, probe_batch=None):
+def export_checkpoint(ckpt_path, file_name, file_format="MINDIR", batch_size=None, device_target="CPU",
+                      network=None, width=None, num_features=None, metadata=None):
+    """Rebuild the backbone of a checkpoint (file or training folder: its newest) and export it."""
+    from src.models import backbone_from_checkpoint
+    backbone = backbone_from_checkpoint(ckpt_path, network, width, num_features)
+    return export_backbone(backbone, file_name, file_format, batch_size, device_target, metadata)
+
+
+def finish_onnx(path, probe_batch=None, metadata=None):
     """Name the input `data` and the output `embedding`; with `probe_batch`, make the batch
-    dimension symbolic everywhere it was fixed to `probe_batch`. Checked with onnx.checker."""
+    dimension symbolic everywhere it was fixed to `probe_batch`; store `metadata`. Checked with
+    onnx.checker."""
     import onnx
     model = onnx.load(path)
+    for key, value in (metadata or {}).items():
+        model.metadata_props.add(key=key, value=value)
     graph = model.graph
     _rename(graph, graph.input[0].name, INPUT_NAME)
     _rename(graph, graph.output[0].name, OUTPUT_NAME)
@@ -121,24 +142,56 @@ def _unpin_reshapes(graph, probe_batch):
             tensor.CopyFrom(numpy_helper.from_array(shape, tensor.name))
 
 
-def export_checkpoint_onnx(ckpt_path, file_name, timeout=1800):
-    """Export the backbone of `ckpt_path` to ONNX in a fresh process: MindSpore cannot export a
-    network of a class whose training graph this process already compiled (BatchNorm's training
-    outputs are cached with the class's graph). Returns the path written."""
-    import subprocess
-    import sys
-    code = ("import sys; sys.path.insert(0, sys.argv[1])\n"
-            "from src import runtime; runtime.setup('CPU', distributed=False)\n"
-            "from src.checkpoint import load_backbone, read_checkpoint\n"
-            "from src.deploy.exporting import export_backbone\n"
-            "from src.models import get_backbone\n"
-            "params, meta = read_checkpoint(sys.argv[2])\n"
-            "backbone = get_backbone(meta['network'], meta['num_features'], width=meta['width'])\n"
-            "load_backbone(backbone, sys.argv[2], params)\n"
-            "print(export_backbone(backbone, sys.argv[3], 'ONNX'))\n")
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    done = subprocess.run([sys.executable, "-c", code, root, ckpt_path, file_name], cwd=root, capture_output=True,
-                          text=True, timeout=timeout)
+
+
+# --- an export in a process of its own --------------------------------------------------------------
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def export_in_fresh_process(ckpt_path, file_name, network=None, width=None, num_features=None, metadata=None,
+                            shown_as=None, timeout=1800):
+    """Export checkpoint `ckpt_path` to ONNX at `file_name` by running this module in a new Python
+    process (see the module's docstring for why). Its user errors come back as one ArcFaceError, with
+    the checkpoint named `shown_as` (e.g. the file a private copy was made of). Returns the path."""
+    command = [sys.executable, "-m", "src.deploy.exporting", os.path.abspath(ckpt_path), os.path.abspath(file_name)]
+    for name, value in (("network", network), ("width", width), ("num_features", num_features)):
+        if value is not None:
+            command += [f"--{name}", str(value)]
+    for key, value in (metadata or {}).items():
+        command += ["--metadata", f"{key}={value}"]
+    try:
+        done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise ArcFaceError(f"exporting {shown_as or ckpt_path} to ONNX took more than {timeout} s") from None
     if done.returncode != 0:
-        raise ArcFaceError(f"exporting {ckpt_path} to ONNX failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
+        lines = done.stderr.strip().splitlines() or ["?"]
+        errors = [line[len("error: "):] for line in lines if line.startswith("error: ")]
+        message = errors[-1] if errors else f"exporting {ckpt_path} to ONNX failed (exit code {done.returncode}): " \
+                                            f"{lines[-1]}"
+        raise ArcFaceError(message.replace(os.path.abspath(ckpt_path), shown_as or ckpt_path))
     return done.stdout.strip().splitlines()[-1]
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description="Export a checkpoint to ONNX (dynamic batch) in this process; "
+                                                 "prints the path written.")
+    parser.add_argument("checkpoint", help="checkpoint file")
+    parser.add_argument("file_name", help="output file (.onnx)")
+    parser.add_argument("--metadata", action="append", default=[], metavar="KEY=VALUE",
+                        help="stored in the model's metadata_props (repeatable)")
+    add_model_options(parser, ARCHITECTURE)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    from src import runtime
+    metadata = dict(item.partition("=")[::2] for item in args.metadata)
+    runtime.setup("CPU", distributed=False)
+    print(export_checkpoint(args.checkpoint, args.file_name, "ONNX", metadata=metadata, **architecture(args)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))

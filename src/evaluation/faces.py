@@ -4,12 +4,12 @@ A face is an aligned 112x112 crop (other sizes are resized as the evaluation res
 photo with five landmarks, aligned here with the IJB pipeline's similarity transform. Its
 embedding is the one the verification protocol scores: emb(face) + emb(flip(face)), L2-normalised,
 so thresholds found by that protocol apply to it unchanged. A set of faces (a folder given to
---compare, an identity of a gallery) is the mean of its unit embeddings, renormalised.
+--compare, an identity of a gallery) is the mean of its unit embeddings, renormalised. The model is
+opened by src.evaluation.embedders.open_model, as every door opens one.
 """
 from __future__ import annotations
 
 import csv
-import glob
 import json
 import os
 import sys
@@ -32,63 +32,12 @@ DEFAULT_THRESHOLD = 0.3
 # Faces decoded at a time, rounded up to whole batches: bounds memory (~38 KB per face) on large inputs.
 CHUNK_FACES = 128
 WORKERS = min(4, os.cpu_count() or 1)
-MODEL_TYPES = "a .ckpt checkpoint, a training folder, a .mindir or an .onnx file"
 
 
-def _warn(line):
+def warn_line(line):
     """Warnings go to stderr without breaking a progress bar."""
     from tqdm import tqdm
     tqdm.write(line, file=sys.stderr)
-
-
-# --- models ---------------------------------------------------------------------------------------
-
-@dataclass
-class Model:
-    embed: object  # batch (B, 3, 112, 112) float32 in [-1, 1] -> (B, D)
-    key: str       # the weights' files and the options that change embeddings, for the gallery cache
-
-
-def model_kind(path):
-    """'checkpoint', 'mindir' or 'onnx', from what `path` is."""
-    if not os.path.exists(path):
-        raise ArcFaceError(f"model not found: {path}")
-    if os.path.isdir(path):
-        return "checkpoint"
-    kind = {".ckpt": "checkpoint", ".mindir": "mindir", ".onnx": "onnx"}.get(os.path.splitext(path)[1].lower())
-    if kind is None:
-        raise ArcFaceError(f"unknown model type: {path} (expected {MODEL_TYPES})")
-    return kind
-
-
-def open_model(path, device_target="CPU", device_id=0, input_mean=None, input_std=None, network=None, width=None,
-               num_features=None, backend=None):
-    """The embedder for a checkpoint (file or training folder: its newest; run by MindSpore or, as
-    val.py does, by ONNX Runtime through a cached export), a MINDIR or an ONNX model. Options that
-    do not apply to the model's kind are refused rather than silently ignored."""
-    kind = model_kind(path)
-    if kind != "onnx" and (input_mean is not None or input_std is not None):
-        raise ArcFaceError("--input_mean/--input_std apply to ONNX models only")
-    if kind != "checkpoint" and (network or width or num_features or backend):
-        raise ArcFaceError("--backend/--network/--width/--num_features apply to checkpoints only")
-    if kind == "onnx" and device_target == "Ascend":
-        raise ArcFaceError("ONNX models run with ONNX Runtime on CPU or GPU; on Ascend use the .mindir "
-                           "or the checkpoint")
-    from src.evaluation import embedders
-    if kind == "checkpoint":
-        backend = embedders.resolve_backend(backend or "auto", device_target)
-    files = [path] if os.path.isfile(path) else sorted(glob.glob(os.path.join(glob.escape(path), "*.ckpt")))
-    stamps = [f"{os.path.abspath(f)}:{os.path.getsize(f)}:{os.stat(f).st_mtime_ns}" for f in files]
-    key = ";".join(stamps + [f"{backend} {input_mean} {input_std} {network} {width} {num_features}"])
-    if kind == "onnx":
-        return Model(embedders.OnnxEmbedder(path, device_target, 127.5 if input_mean is None else input_mean,
-                                            127.5 if input_std is None else input_std, log=_warn), key)
-    from src import runtime
-    runtime.setup(device_target, device_id, distributed=False)
-    if kind == "mindir":
-        return Model(embedders.MindIREmbedder(path), key)
-    return Model(embedders.checkpoint_embedder(path, backend, device_target, network, width, num_features,
-                                               log=_warn), key)
 
 
 # --- inputs ---------------------------------------------------------------------------------------
@@ -264,7 +213,7 @@ def load_face(face):
         return None, f"{face.path}: {exc} ({face.origin})"
 
 
-def embed_faces(embed_fn, faces, batch_size, skip_bad=False, progress=None, warn=_warn):
+def embed_faces(embed_fn, faces, batch_size, skip_bad=False, progress=None, warn=warn_line):
     """(indices of the faces embedded, (N, D) float32 unit embeddings of emb + emb_flip).
 
     A face that cannot be read, decoded or aligned is an error, or with `skip_bad` a warning and
@@ -377,7 +326,7 @@ def decision(cosine, threshold):
 
 # --- gallery search -------------------------------------------------------------------------------
 
-def gallery_templates(model, gallery_dir, batch_size, cache=None, skip_bad=False, progress=None, warn=_warn):
+def gallery_templates(model, gallery_dir, batch_size, cache=None, skip_bad=False, progress=None, warn=warn_line):
     """(identity names, (K, D) unit templates) of an ImageFolder gallery, one identity per sub-folder.
 
     With `cache` (.npz), embeddings of images unchanged since (same relative path, size and mtime,

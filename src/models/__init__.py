@@ -2,7 +2,8 @@
 
 All take 112x112 RGB crops as float32 NCHW tensors normalised to [-1, 1] and return unnormalised
 float32 embeddings of size `num_features`. Names are checked here without importing MindSpore.
-May import: src.errors, mindspore.
+`backbone_from_checkpoint` rebuilds the backbone a checkpoint records (evaluation and export).
+May import: src.errors, src.checkpoint.
 """
 import re
 
@@ -103,4 +104,24 @@ def apply_init(backbone, name, scheme, seed=0):
     if scheme == "torch" and canonical_name(name) in IRESNETS:
         from src.models.iresnet import torch_style_init
         torch_style_init(backbone, seed)
+    return backbone
+
+
+def checkpoint_architecture(meta, network=None, width=None, num_features=None):
+    """The backbone a checkpoint's meta entries record; arguments given override it (needed for
+    checkpoints that do not record it: then r100, width 64, 512 features are assumed)."""
+    return {"network": network or meta.get("network", "r100"), "width": width or meta.get("width", 64),
+            "num_features": num_features or meta.get("num_features", 512)}
+
+
+def backbone_from_checkpoint(ckpt_path, network=None, width=None, num_features=None, log=None):
+    """Build the backbone a checkpoint (file, or training folder: its newest readable one) was trained
+    with and load its weights; see checkpoint_architecture for the arguments."""
+    import sys
+
+    from src.checkpoint import load_backbone, read_checkpoint_or_newest
+    path, params, meta = read_checkpoint_or_newest(ckpt_path, log=log or (lambda line: print(line, file=sys.stderr)))
+    arch = checkpoint_architecture(meta, network, width, num_features)
+    backbone = get_backbone(arch["network"], num_features=arch["num_features"], width=arch["width"])
+    load_backbone(backbone, path, params)
     return backbone

@@ -208,17 +208,16 @@ class CheckpointSaver(Callback):
 class VerificationMonitor(Callback):
     """Runs the verification sets every `interval` steps (and at the end), logs their lines,
     records them in metrics.jsonl and keeps the checkpoint with the best mean Accuracy-Flip as
-    `best.ckpt` (backbone and everything rank 0 holds)."""
+    `best.ckpt` (backbone and everything rank 0 holds).
 
-    def __init__(self, backbone, sets, interval, batch_size, writer, metrics_path=None, nfolds=10, best=None,
-                 backend="mindspore", model=None):
-        from src.evaluation.embedders import MindSporeEmbedder
+    `embedder_factory(backbone)` gives the embedder of the backbone's weights at that moment (the
+    backbone itself in MindSpore, or its export run by ONNX Runtime: src.evaluation.embedders)."""
+
+    def __init__(self, backbone, sets, interval, batch_size, writer, embedder_factory, metrics_path=None, nfolds=10,
+                 best=None):
         self.backbone, self.sets, self.interval = backbone, sets, interval
         self.batch_size, self.nfolds = batch_size, nfolds
-        self.backend = backend
-        self.model = dict(model or {})  # network, width, num_features: how to rebuild the backbone
-        self.embedder = MindSporeEmbedder(backbone)
-        backbone.set_train(True)
+        self.embedder_factory = embedder_factory
         self.writer = writer
         self.metrics_path = metrics_path
         self.best, self.last_step = best, None  # a resumed run keeps the best score so far
@@ -234,27 +233,13 @@ class VerificationMonitor(Callback):
         if s is not None and self.last_step != s.global_step:
             self.evaluate(s)
 
-    def _current_embedder(self):
-        """The backbone as it is now: itself, or its ONNX export (rewritten each time) run by ONNX Runtime."""
-        if self.backend != "onnxruntime":
-            return self.embedder
-        from src.checkpoint import bare_name, save_checkpoint_atomic
-        from src.deploy.exporting import export_checkpoint_onnx
-        from src.evaluation.embedders import OnnxEmbedder
-        folder = os.path.join(self.writer.directory, ".onnx-cache")
-        os.makedirs(folder, exist_ok=True)
-        weights = os.path.join(folder, "evaluation.ckpt")
-        entries = [{"name": bare_name(p.name), "data": p} for p in self.backbone.get_parameters()]
-        save_checkpoint_atomic(entries, weights, self.model)
-        return OnnxEmbedder(export_checkpoint_onnx(weights, os.path.join(folder, "evaluation")))
-
     def evaluate(self, s: SyncState):
         from src.evaluation.verification import verify_sets
         self.last_step = s.global_step
         self.backbone.set_train(False)
         try:
-            results = verify_sets(self._current_embedder(), self.sets, self.batch_size, self.nfolds, log=logger.info,
-                                  progress=False)
+            embedder = self.embedder_factory(self.backbone)
+            results = verify_sets(embedder, self.sets, self.batch_size, self.nfolds, log=logger.info, progress=False)
         finally:
             self.backbone.set_train(True)
         accuracy = {name: r.acc_flip for name, r in results.items()}

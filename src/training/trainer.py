@@ -236,11 +236,12 @@ def build_callbacks(run, net, step):
             from src.evaluation.verification import load_sets
             targets = [t for t in cfg.eval_targets.split(",") if t]
             sets = load_sets(cfg.eval_url, targets, log=logger.info, progress=False)
-            from src.evaluation.embedders import resolve_backend
+            from src.evaluation.embedders import embedder_factory
+            factory = embedder_factory(cfg.eval_backend, cfg.device_target,
+                                       os.path.join(run.output_dir, ".onnx-cache"), model, log=logger.info)
+            best = best_eval_score(metrics) if cfg.resume else None
             callbacks.append(VerificationMonitor(net.backbone, sets, cfg.eval_interval, cfg.eval_batch_size, writer,
-                                                 metrics, best=best_eval_score(metrics) if cfg.resume else None,
-                                                 backend=resolve_backend(cfg.eval_backend, cfg.device_target),
-                                                 model=model))
+                                                 factory, metrics, best=best))
         callbacks.append(CurvePlotter(metrics, os.path.join(run.output_dir, "training_curve.png")))
     return callbacks
 
