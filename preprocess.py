@@ -1,7 +1,7 @@
 """Prepare a verification set for the C++ inference app (ascend310_infer).
 
 Writes normalised float32 batches of the images and of their flips to --result_dir, and the pair
-labels to --label_dir, all named after the dataset (see src/offline.py for the layout).
+labels to --label_dir, all named after the dataset (see src/deploy/offline.py for the layout).
 
   python preprocess.py --dataset_path /data/eval/lfw.bin --result_dir preprocess_Result --label_dir preprocess_Label
 """

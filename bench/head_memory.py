@@ -19,7 +19,7 @@ rate r (k = num_sampled_centres(local, r, N) centres used per step):
 
 F is an assumption: --logit_buffers (default 6: a backend whose graph memory planner reuses
 buffers, the assumption for GPU/Ascend, not measured here) and 30, the value measured below on CPU
-in graph mode (the single-device CombinedMarginHead shows the same factor there: the CPU backend
+in graph mode (the head on one device, all classes, shows the same factor there: the CPU backend
 keeps almost every intermediate N x k buffer of the step alive).
 
 "fits" assumes the head may use HEAD_SHARE of the device memory: the rest is left to the backbone

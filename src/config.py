@@ -119,6 +119,11 @@ class TrainConfig:
     def margins(self):
         return parse_margin(self.margin)
 
+    @property
+    def eval_sets(self):
+        """The verification sets of --eval_targets, in order."""
+        return [name.strip() for name in self.eval_targets.split(",") if name.strip()]
+
 
 OPTIONS = {f.name: f for f in fields(TrainConfig)}
 FIXED = tuple(f.name for f in fields(TrainConfig) if f.metadata["fixed"])
@@ -268,10 +273,9 @@ def parse_train_args(argv=None, description=None):
 
 # --- the run record -------------------------------------------------------------------------------
 
-def record_text(cfg, header=()):
-    """The resolved options as yaml (loadable again with --config), after `header` comment lines."""
-    lines = "".join(f"# {line}\n" for line in header)
-    return lines + yaml.safe_dump(asdict(cfg), sort_keys=False, default_flow_style=None)
+def record_text(cfg):
+    """The resolved options as yaml (loadable again with --config)."""
+    return yaml.safe_dump(asdict(cfg), sort_keys=False, default_flow_style=None)
 
 
 def read_record(text, source):

@@ -1,4 +1,4 @@
-"""Tests for src.backbones: parameter counts, forward passes, fp16 casting and name handling."""
+"""src.models: parameter counts, forward passes, fp16 casting and name handling."""
 
 import mindspore as ms
 import numpy as np

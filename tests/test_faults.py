@@ -738,7 +738,7 @@ def test_modelarts_copies_the_data_once_per_node_and_every_rank_pushes_its_shard
 
 def test_recorded_config_is_a_valid_config_file(tmp_path):
     from src.config import TrainConfig, parse_train_args, record_text
-    (tmp_path / "config.yaml").write_text(record_text(TrainConfig(network="r50", lr=0.2), ["a comment"]))
+    (tmp_path / "config.yaml").write_text("# a comment\n" + record_text(TrainConfig(network="r50", lr=0.2)))
     cfg, given = parse_train_args(["--config", str(tmp_path / "config.yaml")])
     assert cfg.network == "r50" and cfg.lr == 0.2 and "epochs" in given
     assert yaml.safe_load((tmp_path / "config.yaml").read_text())["schedule"] == [10, 16, 21]

@@ -21,7 +21,7 @@ Protocol:
    target (ties: the larger TPR).
 
 The embedding model is any ``embed_fn`` following the protocol of
-:func:`src.verification.embed_pairs`; precomputed features go straight to
+:func:`src.evaluation.verification.embed_pairs`; precomputed features go straight to
 :func:`evaluate_ijb_features`.
 """
 

@@ -58,6 +58,7 @@ class Run:
     resume_params: dict = None
     resume_meta: dict = None
     lock: RunLock = None
+    record: str = ""  # the resolved configuration as yaml, once the data has resolved it (config.yaml, checkpoints)
 
     @property
     def data_dir(self):
@@ -145,10 +146,9 @@ def resolve_resume(run, given):
 
 def open_data(run):
     cfg = run.cfg
-    eval_targets = [t for t in cfg.eval_targets.split(",") if t]
-    if cfg.eval_url and not any(os.path.isfile(os.path.join(cfg.eval_url, f"{t}.bin")) for t in eval_targets):
+    if cfg.eval_url and not any(os.path.isfile(os.path.join(cfg.eval_url, f"{t}.bin")) for t in cfg.eval_sets):
         # Checked on every rank: only rank 0 evaluates, the others would wait for it forever.
-        raise ArcFaceError(f"--eval_url {cfg.eval_url}: none of {', '.join(eval_targets)} found")
+        raise ArcFaceError(f"--eval_url {cfg.eval_url}: none of {', '.join(cfg.eval_sets)} found")
     source = open_source(run.data_dir)
     cfg.num_classes = resolve_num_classes(source, cfg.num_classes, run.data_dir)
     dataset = create_train_dataset(source, cfg.batch_size, run.rt.rank, run.rt.group_size, cfg.num_workers,
@@ -157,13 +157,15 @@ def open_data(run):
 
 
 def write_record(run, source):
-    """config.yaml in the output folder: the resolved options, loadable again with --config."""
+    """The run record, now that the data resolved the configuration: kept for the checkpoints and written
+    by rank 0 as config.yaml in the output folder (the resolved options, loadable again with --config)."""
+    run.record = record_text(run.cfg)
     if not run.rt.is_main:
         return
     header = [f"written by train.py on {time.strftime('%Y-%m-%d %H:%M:%S')}: the resolved configuration of this run",
               f"{run.rt.group_size} x {run.cfg.device_target}; data: {source.kind}, {len(source)} images, "
               f"{run.cfg.num_classes} classes" + (f"; resumed from {run.resume_path}" if run.resume_path else "")]
-    atomic_write(os.path.join(run.output_dir, "config.yaml"), record_text(run.cfg, header))
+    atomic_write(os.path.join(run.output_dir, "config.yaml"), "".join(f"# {line}\n" for line in header) + run.record)
 
 
 def resolve_amp(cfg):
@@ -225,7 +227,7 @@ def build_callbacks(run, net, step):
     cfg, rt = run.cfg, run.rt
     model = {key: getattr(cfg, key) for key in MODEL_KEYS}
     writer = CheckpointWriter(step, net.head, run.output_dir, cfg.keep_checkpoint_max,
-                              meta=dict(model, config=record_text(cfg)), is_main=rt.is_main)
+                              meta=dict(model, config=run.record), is_main=rt.is_main)
     callbacks = [CheckpointSaver(writer, cfg.save_interval)]
     if rt.is_main:
         metrics = os.path.join(run.output_dir, "metrics.jsonl")
@@ -234,8 +236,7 @@ def build_callbacks(run, net, step):
         callbacks.insert(0, LossMonitor(cfg.log_interval, metrics))
         if cfg.eval_url:
             from src.evaluation.verification import load_sets
-            targets = [t for t in cfg.eval_targets.split(",") if t]
-            sets = load_sets(cfg.eval_url, targets, log=logger.info, progress=False)
+            sets = load_sets(cfg.eval_url, cfg.eval_sets, log=logger.info, progress=False)
             from src.evaluation.embedders import embedder_factory
             factory = embedder_factory(cfg.eval_backend, cfg.device_target,
                                        os.path.join(run.output_dir, ".onnx-cache"), model, log=logger.info)
