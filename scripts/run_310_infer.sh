@@ -11,8 +11,7 @@ if [ $# -lt 4 ] || [[ "$3" != "y" && "$3" != "n" ]]; then
     echo "usage: bash $0 MINDIR_PATH DATASET_PATH NEED_PREPROCESS(y|n) DEVICE_TARGET(Ascend|GPU|CPU) [DEVICE_ID]" >&2
     exit 2
 fi
-ROOT=$(cd "$(dirname "$0")/.." && pwd)
-PYTHON=${PYTHON:-python}
+. "$(dirname "$0")/env.sh"
 MINDIR=$(realpath "$1"); DATASET=$(realpath "$2"); NEED_PREPROCESS=$3; DEVICE_TARGET=$4; DEVICE_ID=${5:-0}
 NAME=$(basename "$DATASET" .bin)
 BATCH_SIZE=${BATCH_SIZE:-64}

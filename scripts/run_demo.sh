@@ -4,8 +4,8 @@
 #   identities with val.py -> export MINDIR and ONNX -> verify again with ONNX Runtime.
 # Usage: bash scripts/run_demo.sh        (PYTHON, DEMO_DATA, DEMO_OUT may be set)
 set -euo pipefail
-cd "$(dirname "$0")/.."
-PYTHON=${PYTHON:-python}
+. "$(dirname "$0")/env.sh"
+cd "$ROOT"
 DATA=${DEMO_DATA:-demo_data}
 OUT=${DEMO_OUT:-outputs/demo}
 start=$SECONDS

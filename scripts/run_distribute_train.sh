@@ -29,8 +29,7 @@ if ! [[ "$NODES" =~ ^[0-9]+$ ]] || [ "$NODES" -lt 1 ] || ! [[ "$NODE_RANK" =~ ^[
     exit 2
 fi
 WORLD=$((NODES * RANK_SIZE))
-ROOT=$(cd "$(dirname "$0")/.." && pwd)
-PYTHON=${PYTHON:-python}
+. "$(dirname "$0")/env.sh"
 DEVICE_TARGET=${DEVICE_TARGET:-Ascend}
 CONFIG=${CONFIG:-$ROOT/configs/ms1mv2_r100.yaml}
 OUT=$(realpath -m "${OUT:-$PWD/train_parallel}")

@@ -7,9 +7,9 @@ if [ $# -lt 2 ]; then
     echo "usage: bash $0 EVAL_PATH CKPT_PATH [DEVICE_ID] [more val.py options]" >&2
     exit 2
 fi
-ROOT=$(cd "$(dirname "$0")/.." && pwd)
+. "$(dirname "$0")/env.sh"
 EVAL_PATH=$1; CKPT_PATH=$2; shift 2
 DEVICE_ID=0
 if [ $# -gt 0 ] && [[ "$1" =~ ^[0-9]+$ ]]; then DEVICE_ID=$1; shift; fi
-"${PYTHON:-python}" "$ROOT/val.py" --eval_url "$EVAL_PATH" --ckpt_url "$CKPT_PATH" \
+"$PYTHON" "$ROOT/val.py" --eval_url "$EVAL_PATH" --ckpt_url "$CKPT_PATH" \
     --device_target "${DEVICE_TARGET:-Ascend}" --device_id "$DEVICE_ID" --log eval.log "$@"

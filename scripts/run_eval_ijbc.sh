@@ -8,7 +8,7 @@ if [ $# -lt 2 ]; then
     echo "usage: bash $0 IJB_PATH CKPT_PATH [IJBB|IJBC] [DEVICE_ID]" >&2
     exit 2
 fi
-ROOT=$(cd "$(dirname "$0")/.." && pwd)
+. "$(dirname "$0")/env.sh"
 IJB_PATH=$1; CKPT_PATH=$2
 TARGET=${3:-$(basename "$(realpath "$IJB_PATH")")}
 TARGET=${TARGET^^}
@@ -19,5 +19,5 @@ if [[ "$TARGET" != "IJBB" && "$TARGET" != "IJBC" ]]; then
     fi
     TARGET=IJBC   # a folder not named after its set
 fi
-"${PYTHON:-python}" "$ROOT/val.py" --eval_url "$IJB_PATH" --ckpt_url "$CKPT_PATH" --target "$TARGET" \
+"$PYTHON" "$ROOT/val.py" --eval_url "$IJB_PATH" --ckpt_url "$CKPT_PATH" --target "$TARGET" \
     --device_target "${DEVICE_TARGET:-Ascend}" --device_id "${4:-0}" --log eval.log --result_dir ijb_results

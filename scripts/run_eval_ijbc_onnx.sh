@@ -9,7 +9,7 @@ if [ $# -lt 3 ]; then
     echo "usage: bash $0 IJB_PATH ONNX_PATH [ONNX_RS_PATH] IJBB|IJBC [GPU|CPU]" >&2
     exit 2
 fi
-ROOT=$(cd "$(dirname "$0")/.." && pwd)
+. "$(dirname "$0")/env.sh"
 IJB_PATH=$1; ONNX_PATH=$2; shift 2
 if [[ "${1^^}" != "IJBB" && "${1^^}" != "IJBC" ]]; then shift; fi   # the optional remainder model
 TARGET=${1:-}; TARGET=${TARGET^^}; DEVICE=${2:-GPU}
@@ -17,5 +17,5 @@ if [[ "$TARGET" != "IJBB" && "$TARGET" != "IJBC" ]]; then
     echo "usage: bash $0 IJB_PATH ONNX_PATH [ONNX_RS_PATH] IJBB|IJBC [GPU|CPU]" >&2
     exit 2
 fi
-"${PYTHON:-python}" "$ROOT/eval_ijbc_onnx.py" --image-path "$IJB_PATH" --onnx_url "$ONNX_PATH" --target "$TARGET" \
+"$PYTHON" "$ROOT/eval_ijbc_onnx.py" --image-path "$IJB_PATH" --onnx_url "$ONNX_PATH" --target "$TARGET" \
     --device_target "$DEVICE" --result-dir ijb_results --log "eval_onnx_$TARGET.log"

@@ -11,8 +11,7 @@ DEVICE_TARGET=${DEVICE_TARGET:-Ascend}
 DATA_PATH=$(realpath "$1"); shift
 DEVICE_ID=0
 if [ $# -gt 0 ] && [[ "$1" =~ ^[0-9]+$ ]]; then DEVICE_ID=$1; shift; fi
-ROOT=$(cd "$(dirname "$0")/.." && pwd)
-PYTHON=${PYTHON:-python}
+. "$(dirname "$0")/env.sh"
 CONFIG=${CONFIG:-$ROOT/configs/ms1mv2_r100.yaml}
 OUT=${OUT:-$PWD/standalone_train/device$DEVICE_ID}
 mkdir -p "$OUT"

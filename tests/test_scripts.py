@@ -90,3 +90,23 @@ def test_benchmarks_refuse_bad_arguments_with_one_line(args, named):
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and named in lines[0], lines
     assert done.stdout == ""
+
+
+@pytest.mark.parametrize("has_venv, given, expected", [(True, None, "{root}/.venv/bin/python"), (False, None, "python"),
+                                                       (True, "/opt/py/bin/python3", "/opt/py/bin/python3")])
+def test_the_launchers_prefer_the_repositorys_venv(tmp_path, has_venv, given, expected):
+    """After `make demo` the README's script commands work in a new shell: without $PYTHON the
+    launchers take the repository's .venv (made by make), else `python`; $PYTHON always wins."""
+    root = tmp_path / "repo"
+    (root / "scripts").mkdir(parents=True)
+    (root / "scripts" / "env.sh").write_text((ROOT / "scripts" / "env.sh").read_text())
+    if has_venv:
+        (root / ".venv" / "bin").mkdir(parents=True)
+        (root / ".venv" / "bin" / "python").write_text("#!/bin/sh\n")
+        (root / ".venv" / "bin" / "python").chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHON"}
+    if given:
+        env["PYTHON"] = given
+    done = subprocess.run(["bash", "-c", f'set -euo pipefail; . "{root}/scripts/env.sh"; echo "$PYTHON"'],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == expected.format(root=root), done.stderr
