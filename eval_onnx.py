@@ -31,9 +31,10 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     from src.evaluation.embedders import model_from_args
-    from src.evaluation.evaluate import ResultLog, run_evaluation, split_targets
+    from src.evaluation.evaluate import ResultLog, check_eval_folder, run_evaluation, split_targets
 
     targets = split_targets(args.target)
+    check_eval_folder(args.eval_url)  # before a checkpoint is exported for nothing
     folder = os.path.dirname(os.path.abspath(args.onnx_url))
     with ResultLog(args.log or os.path.join(folder, "eval_onnx.log")) as log:
         model = model_from_args(args, args.onnx_url, kind="onnx", log=log)

@@ -34,9 +34,10 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     from src.evaluation.embedders import model_from_args
-    from src.evaluation.evaluate import ResultLog, run_evaluation, split_targets
+    from src.evaluation.evaluate import ResultLog, check_eval_folder, run_evaluation, split_targets
 
     targets = split_targets(args.target)
+    check_eval_folder(args.eval_url)  # before a checkpoint is exported for nothing
     folder = args.ckpt_url if os.path.isdir(args.ckpt_url) else os.path.dirname(os.path.abspath(args.ckpt_url))
     model = model_from_args(args, args.ckpt_url, kind="checkpoint")
     with ResultLog(args.log or os.path.join(folder, "eval.log")) as log:

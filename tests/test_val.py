@@ -130,3 +130,27 @@ def test_evaluation_during_training_gives_the_same_numbers_with_both_backends(ti
         results[backend] = json.loads((tmp_path / f"{backend}.jsonl").read_text())["eval"]["demo"]
     assert results["mindspore"] == results["onnxruntime"]
     assert backbone.training  # back in training mode
+
+
+@pytest.mark.parametrize("door, args, expected", [
+    ("val", ["--eval_url", "{data}", "--ckpt_url", "{data}/model.onnx"],
+     "{data}/model.onnx is an ONNX model, not a checkpoint: evaluate it with python eval_onnx.py --onnx_url "
+     "{data}/model.onnx"),
+    ("val", ["--eval_url", "{data}/demo.bin", "--ckpt_url", "{data}/model.ckpt"],
+     "--eval_url takes the folder holding the verification sets (<set>.bin, or IJB_release/<IJBB|IJBC>), not the "
+     "file {data}/demo.bin: use --eval_url {data} --target demo"),
+    ("eval_onnx", ["--eval_url", "{data}", "--onnx_url", "{data}/model.ckpt"],
+     "{data}/model.ckpt is a checkpoint, not an ONNX model: evaluate it with python val.py --ckpt_url "
+     "{data}/model.ckpt"),
+    ("val", ["--eval_url", "{data}", "--ckpt_url", "{data}/backbone.pth"],
+     "unknown model type: {data}/backbone.pth (expected a .ckpt checkpoint, a training folder, a .mindir or an .onnx "
+     "file): import a PyTorch state dict with python convert.py first"),
+])
+def test_a_file_of_the_wrong_kind_says_what_is_expected(door, args, expected, tmp_path, capsys):
+    import importlib
+    for name in ("model.onnx", "model.ckpt", "demo.bin", "backbone.pth"):
+        (tmp_path / name).write_bytes(b"\0" * 64)
+    argv = [a.format(data=tmp_path) for a in args]
+    assert run_main(importlib.import_module(door).main, argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {expected.format(data=tmp_path)}"), err

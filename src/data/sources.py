@@ -282,6 +282,17 @@ def detect_kind(path):
     """'recordio', 'imagefolder' or 'mindrecord'; a clear error for anything else."""
     if not path:
         raise ArcFaceError("no training data given: pass --data_url DIR")
+    if os.path.isfile(path):
+        folder, name = os.path.split(os.path.abspath(path))
+        stem, ext = os.path.splitext(name)
+        if ext.lower() == ".bin":
+            raise ArcFaceError(f"{path} is a verification set, not training data: training data is a folder "
+                               f"(RecordIO, ImageFolder or MindRecord); evaluate on this set with "
+                               f"python val.py --eval_url {folder} --target {stem} --ckpt_url ...")
+        if ext.lower() in (".rec", ".idx"):
+            raise ArcFaceError(f"{path} is part of a RecordIO set: give the folder holding train.rec and train.idx "
+                               f"({folder})")
+        raise ArcFaceError(f"{path} is a file: training data is a folder (RecordIO, ImageFolder or MindRecord)")
     if not os.path.isdir(path):
         raise ArcFaceError(f"training data folder not found: {path}")
     has_rec = os.path.isfile(os.path.join(path, "train.rec"))

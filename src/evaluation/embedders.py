@@ -157,15 +157,26 @@ class Options:
     log: object = _stderr
 
 
+_A_KIND = {"checkpoint": "a checkpoint", "mindir": "a MINDIR model", "onnx": "an ONNX model"}
+_HOW_TO_EVALUATE = {
+    "checkpoint": "evaluate it with python val.py --ckpt_url {path} (embed faces: python embed.py --model {path})",
+    "onnx": "evaluate it with python eval_onnx.py --onnx_url {path} (embed faces: python embed.py --model {path})",
+    "mindir": "embed faces with python embed.py --model {path}, or export the checkpoint it came from as ONNX and use "
+              "eval_onnx.py",
+}
+
+
 def model_kind(path):
     """'checkpoint', 'mindir' or 'onnx', from what `path` is."""
     if not os.path.exists(path):
         raise ArcFaceError(f"model not found: {path}")
     if os.path.isdir(path):
         return "checkpoint"
-    kind = KINDS.get(os.path.splitext(path)[1].lower())
+    extension = os.path.splitext(path)[1].lower()
+    kind = KINDS.get(extension)
     if kind is None:
-        raise ArcFaceError(f"unknown model type: {path} (expected {MODEL_TYPES})")
+        hint = ": import a PyTorch state dict with python convert.py first" if extension in (".pth", ".pt") else ""
+        raise ArcFaceError(f"unknown model type: {path} (expected {MODEL_TYPES}){hint}")
     return kind
 
 
@@ -260,6 +271,9 @@ def open_model(path, backend="auto", kind=None, *, device_target="CPU", device_i
     (default: stderr). Options that do not apply to the model are refused."""
     o = Options(device_target, device_id, network, width, num_features, input_mean, input_std, cache_dir,
                 log or _stderr)
+    if kind and os.path.isfile(path) and model_kind(path) != kind:
+        raise ArcFaceError(f"{path} is {_A_KIND[model_kind(path)]}, not {_A_KIND[kind]}: "
+                           f"{_HOW_TO_EVALUATE[model_kind(path)].format(path=path)}")
     kind = kind or model_kind(path)
     _refuse_what_does_not_apply(kind, o)
     backend = resolve_backend(kind, backend, device_target)

@@ -46,14 +46,24 @@ class ResultLog:
         self.close()
 
 
+def check_eval_folder(eval_url):
+    """--eval_url must be the folder of the sets: checked before a model is opened (or exported)."""
+    if os.path.isfile(eval_url):
+        folder, name = os.path.split(os.path.abspath(eval_url))
+        raise ArcFaceError(f"--eval_url takes the folder holding the verification sets (<set>.bin, or IJB_release/"
+                           f"<IJBB|IJBC>), not the file {eval_url}: use --eval_url {folder} --target "
+                           f"{os.path.splitext(name)[0]}")
+    if not os.path.isdir(eval_url):
+        raise ArcFaceError(f"evaluation folder not found: {eval_url}")
+
+
 def run_evaluation(embed_fn, eval_url, targets, batch_size, nfolds=10, log=print, result_dir="ijb_results",
                    progress=None):
     """Evaluate every target; returns {target: VerificationResult or {far: tar}}. A missing
     verification set is reported and skipped; finding none at all is an error."""
     if batch_size < 1:
         raise ArcFaceError(f"--batch_size must be positive, got {batch_size}")
-    if not os.path.isdir(eval_url):
-        raise ArcFaceError(f"evaluation folder not found: {eval_url}")
+    check_eval_folder(eval_url)
     progress = sys.stderr.isatty() if progress is None else progress
     results = {}
     bins = [t for t in targets if t.upper() not in IJB_TARGETS]
