@@ -38,6 +38,7 @@ def main(argv=None):
     result_dir = args.result_dir or os.path.dirname(os.path.abspath(args.onnx_url))
     with ResultLog(args.log or os.path.join(result_dir, f"eval_onnx_{args.target}.log")) as log:
         model = model_from_args(args, args.onnx_url, kind="onnx", log=log)
+        log.describe = model.description
         evaluate_ijb(model.embed, args.image_path, args.target, args.batch_size, result_dir, job=args.job, log=log,
                      progress=sys.stderr.isatty())
     return 0

@@ -38,6 +38,7 @@ def main(argv=None):
     folder = os.path.dirname(os.path.abspath(args.onnx_url))
     with ResultLog(args.log or os.path.join(folder, "eval_onnx.log")) as log:
         model = model_from_args(args, args.onnx_url, kind="onnx", log=log)
+        log.describe = model.description
         run_evaluation(model.embed, args.eval_url, targets, args.batch_size, args.nfolds, log,
                        args.result_dir or folder)
     return 0

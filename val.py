@@ -40,7 +40,7 @@ def main(argv=None):
     check_eval_folder(args.eval_url)  # before a checkpoint is exported for nothing
     folder = args.ckpt_url if os.path.isdir(args.ckpt_url) else os.path.dirname(os.path.abspath(args.ckpt_url))
     model = model_from_args(args, args.ckpt_url, kind="checkpoint")
-    with ResultLog(args.log or os.path.join(folder, "eval.log")) as log:
+    with ResultLog(args.log or os.path.join(folder, "eval.log"), model.description) as log:
         run_evaluation(model.embed, args.eval_url, targets, args.batch_size, args.nfolds, log,
                        args.result_dir or folder)
     return 0

@@ -88,7 +88,11 @@ def test_eval_onnx_reproduces_val(exported, tiny_data, tmp_path, capsys):
     from_val = accuracy_flip(capsys.readouterr().out)
     assert eval_onnx.main(common + ["--onnx_url", exported["onnx"], "--log", str(tmp_path / "b.log")]) == 0
     assert accuracy_flip(capsys.readouterr().out) == from_val
-    assert from_val in (tmp_path / "b.log").read_text()
+    # The log files say when, which model file and which backend each line is about; the line names its set.
+    stamp = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d"
+    for log, model, backend in (("a.log", exported["ckpt"], "onnxruntime"), ("b.log", exported["onnx"], "onnxruntime")):
+        text = (tmp_path / log).read_text()
+        assert re.search(rf"^{stamp} {re.escape(model)} \({backend}\) {re.escape(from_val)}$", text, re.M), text
 
 
 def test_onnx_embedder_applies_the_models_own_normalisation(tmp_path):

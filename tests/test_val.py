@@ -55,6 +55,24 @@ def test_verification_during_training_keeps_the_best_checkpoint(trained_run):
     assert (trained_run / "training_curve.png").stat().st_size > 10_000
 
 
+def test_the_training_curve_has_two_axes_in_two_colours_and_its_legend_outside(trained_run):
+    """A curve a person can read later: loss on the left, accuracy on the right, each axis in the colour of
+    its lines, the legend above the plot where it covers no line."""
+    from matplotlib.colors import to_hex
+
+    from src.training.callbacks import draw_training_curve
+    fig = draw_training_curve(str(trained_run / "metrics.jsonl"))
+    loss_ax, acc_ax = fig.axes
+    (loss,), (accuracy,) = loss_ax.get_lines(), acc_ax.get_lines()
+    assert to_hex(loss.get_color()) != to_hex(accuracy.get_color())
+    assert to_hex(loss_ax.yaxis.label.get_color()) == to_hex(loss.get_color())
+    assert to_hex(acc_ax.yaxis.label.get_color()) == to_hex(accuracy.get_color())
+    fig.canvas.draw()
+    legend = fig.legends[0].get_window_extent()
+    assert legend.y0 >= loss_ax.get_window_extent().y1  # entirely above the plotting area
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["training loss", "demo Accuracy-Flip"]
+
+
 def same_lines(ours, theirs):
     """The protocol's lines of two backends: accuracies and VAL identical to 5 decimals; XNorm, a mean
     norm of about 90 printed to 7 significant digits, to 1e-6 relative (float32 sums in another order)."""

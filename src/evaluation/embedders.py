@@ -141,6 +141,7 @@ class OnnxEmbedder:
 class Model:
     embed: object  # batch (B, 3, 112, 112) float32 in [-1, 1] -> (B, D)
     key: str       # the weights' files and the options that change embeddings, for caches of embeddings
+    description: str = ""  # the model file and how it runs, for logs: "outputs/r100/ArcFace-25_1.ckpt (onnxruntime)"
 
 
 @dataclass(frozen=True)
@@ -278,7 +279,16 @@ def open_model(path, backend="auto", kind=None, *, device_target="CPU", device_i
     _refuse_what_does_not_apply(kind, o)
     backend = resolve_backend(kind, backend, device_target)
     key = _model_key(path, backend, o) if os.path.exists(path) else ""
-    return Model(OPENERS[kind, backend](path, o), key)
+    return Model(OPENERS[kind, backend](path, o), key, f"{_model_file(path)} ({backend})")
+
+
+def _model_file(path):
+    """The file a model path stands for: a training folder's newest checkpoint."""
+    if os.path.isdir(path):
+        from src.checkpoint import list_checkpoints
+        found = list_checkpoints(path)
+        return found[-1] if found else path
+    return path
 
 
 OPEN_OPTIONS = ("backend", "device_target", "device_id", "network", "width", "num_features", "input_mean",

@@ -8,6 +8,7 @@ verification on an `IJB_release/<target>` folder, any other name the 10-fold pro
 """
 import os
 import sys
+import time
 
 from src.errors import ArcFaceError
 from src.evaluation.ijb import TARGETS as IJB_TARGETS
@@ -23,17 +24,21 @@ def split_targets(text):
 
 
 class ResultLog:
-    """Lines to stdout and appended to a log file."""
+    """Result lines to stdout as the model zoo prints them, and appended to a log file with the time and
+    the model they are about, so that a log read later says what was measured when: `describe` is set
+    once the model is open (see embedders.Model.description)."""
 
-    def __init__(self, path):
-        self.path = path
+    def __init__(self, path, describe=""):
+        self.path, self.describe = path, describe
         if os.path.dirname(path):
             os.makedirs(os.path.dirname(path), exist_ok=True)
         self.file = open(path, "a", encoding="utf-8")
 
     def __call__(self, line):
         print(line, flush=True)
-        self.file.write(line + "\n")
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        for part in str(line).splitlines() or [""]:
+            self.file.write(f"{stamp} {self.describe + ' ' if self.describe else ''}{part}\n")
         self.file.flush()
 
     def close(self):

@@ -268,6 +268,14 @@ def best_eval_score(metrics_path):
 
 def plot_training_curve(metrics_path, image_path):
     """Loss (and verification accuracy when evaluated) against the global step, as a PNG."""
+    import matplotlib.pyplot as plt
+    fig = draw_training_curve(metrics_path)
+    fig.savefig(image_path)
+    plt.close(fig)
+
+
+def draw_training_curve(metrics_path):
+    """The figure of plot_training_curve."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -280,23 +288,24 @@ def plot_training_curve(metrics_path, image_path):
         if isinstance(row.get("eval"), dict):
             for name, acc in row["eval"].items():
                 evals.setdefault(name, []).append((row.get("step", 0), acc))
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
-    ax.plot(steps, losses, color="tab:blue", linewidth=1.2, label="training loss")
+    # Loss (left axis, blue) and accuracy (right axis, one warm colour per set): two colours, two axes, and
+    # one legend above the plot, outside the lines.
+    fig, ax = plt.subplots(figsize=(8, 4.8), dpi=110, layout="constrained")
+    handles = ax.plot(steps, losses, color="tab:blue", linewidth=1.2, label="training loss")
     ax.set_xlabel("step")
     ax.set_ylabel("loss", color="tab:blue")
+    ax.tick_params(axis="y", colors="tab:blue")
     ax.grid(alpha=0.3)
     if evals:
         acc_ax = ax.twinx()
-        for name, points in evals.items():
+        for (name, points), color in zip(evals.items(), ["tab:orange", "tab:red", "tab:brown", "tab:purple",
+                                                          "tab:olive", "tab:pink"] * 4):
             xs, ys = zip(*points)
-            acc_ax.plot(xs, ys, marker="o", linewidth=1.2, label=f"{name} Accuracy-Flip")
-        acc_ax.set_ylabel("verification accuracy")
-        acc_ax.legend(loc="lower right")
-    ax.legend(loc="upper right")
-    ax.set_title("training curve")
-    fig.tight_layout()
-    fig.savefig(image_path)
-    plt.close(fig)
+            handles += acc_ax.plot(xs, ys, marker="o", color=color, linewidth=1.2, label=f"{name} Accuracy-Flip")
+        acc_ax.set_ylabel("verification accuracy", color="tab:orange")
+        acc_ax.tick_params(axis="y", colors="tab:orange")
+    fig.legend(handles=handles, loc="outside upper center", ncols=min(len(handles), 4), frameon=False)
+    return fig
 
 
 class CurvePlotter(Callback):
