@@ -19,6 +19,7 @@ import yaml
 
 from src.cli import BACKENDS, DEVICES
 from src.errors import ArcFaceError
+from src.models import BACKBONES
 
 MARGINS = {"arcface": (1.0, 0.5, 0.0), "cosface": (1.0, 0.0, 0.4), "softmax": (1.0, 0.0, 0.0)}
 
@@ -50,7 +51,8 @@ class TrainConfig:
     modelarts: bool = option(False, "copy data from/results to OBS with moxing")
     mode: str = option("graph", "graph (fast) or pynative (debugging)", choices=("graph", "pynative"))
     # Model
-    network: str = option("r100", "backbone: r18 r34 r50 r100 r200 mbf", fixed=True)
+    network: str = option("r100", f"backbone: {', '.join(BACKBONES)} (r100 is the model zoo's; CPU training is "
+                                  f"practical only for r18/r34 or a small --width, see configs/demo.yaml)", fixed=True)
     width: int = option(64, "iresnet channels of the first stage (64 is the published network; 16 trains ~10x "
                             "faster for experiments)", fixed=True, low=1)
     num_features: int = option(512, "embedding size", fixed=True, low=1)

@@ -458,3 +458,11 @@ def test_modelarts_copies_data_in_results_out_and_resumes(tiny_data, tmp_path, m
     assert train.main(args + ["--resume", "auto", "--max_steps", "0"]) == 0  # the record had --max_steps 8
     assert "resumed from" in (tmp_path / "obs" / "train.log").read_text()
     assert (tmp_path / "obs" / "ArcFace-2_8.ckpt").is_file()
+
+
+def test_help_lists_every_backbone(capsys):
+    from src.models import BACKBONES
+    with pytest.raises(SystemExit):
+        train.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps the help text
+    assert all(f" {name}," in text or f" {name} " in text for name in BACKBONES), text
