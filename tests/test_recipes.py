@@ -107,7 +107,9 @@ def test_a_non_finite_step_is_skipped_even_when_clipping():
     assert int(step.optimizer.global_step.asnumpy()[0]) == 1  # the schedule still follows the iteration
 
 
-def test_accumulation_applies_the_mean_gradient_every_k_micro_batches():
+def test_accumulation_applies_the_summed_gradient_every_k_micro_batches():
+    """arcface_torch calls backward() on every micro-batch and steps every k-th: the update is the
+    sum of the k gradients (clipped as a whole), not their mean."""
     net, step = tiny_step(accumulate=2, lr=1.0)
     before = params_of(net)
     (x1, y1), (x2, y2) = batch(1), batch(2)
@@ -120,9 +122,31 @@ def test_accumulation_applies_the_mean_gradient_every_k_micro_batches():
     step(x2, y2)
     after = params_of(net)
     for name in before:
-        np.testing.assert_allclose(before[name] - after[name], (g1[name] + g2[name]) / 2, rtol=1e-4, atol=1e-7)
+        np.testing.assert_allclose(before[name] - after[name], g1[name] + g2[name], rtol=1e-4, atol=1e-7)
     assert int(step.optimizer.global_step.asnumpy()[0]) == 2
     assert not step.accumulated[0].asnumpy().any()  # emptied for the next window
+
+
+def test_accumulation_clips_the_summed_gradient():
+    """The clip acts once per update, on the norm of the summed backbone gradient (arcface_torch's
+    clip_grad_norm_ before opt.step() every k-th micro-batch)."""
+    net, step = tiny_step(clip=0.05, accumulate=2, lr=1.0)
+    before = params_of(net)
+    (x1, y1), (x2, y2) = batch(1), batch(2)
+    g1 = gradients(step, x1, y1)
+    step(x1, y1)
+    g2 = gradients(step, x2, y2)
+    step(x2, y2)
+    after = params_of(net)
+    backbone = ["backbone.weight", "backbone.bias"]
+    summed = {name: g1[name] + g2[name] for name in before}
+    norm = np.sqrt(sum((summed[n] ** 2).sum() for n in backbone))
+    assert norm > 0.05  # the clip is active
+    for name in backbone:
+        np.testing.assert_allclose(before[name] - after[name], summed[name] * 0.05 / (norm + 1e-6), rtol=1e-3,
+                                   atol=1e-7)
+    np.testing.assert_allclose(before["head.weight"] - after["head.weight"], summed["head.weight"], rtol=1e-4,
+                               atol=1e-7)
 
 
 def test_accumulation_skips_a_non_finite_micro_batch():
@@ -136,8 +160,8 @@ def test_accumulation_skips_a_non_finite_micro_batch():
     g2 = gradients(step, x2, y2)
     step(x2, y2)
     after = params_of(net)
-    for name in before:  # only the finite micro-batch contributes, still divided by the window
-        np.testing.assert_allclose(before[name] - after[name], g2[name] / 2, rtol=1e-4, atol=1e-7)
+    for name in before:  # only the finite micro-batch contributes
+        np.testing.assert_allclose(before[name] - after[name], g2[name], rtol=1e-4, atol=1e-7)
 
 
 def test_torch_initialisation_of_an_iresnet():
