@@ -398,3 +398,25 @@ def test_build_margin_refuses_bad_values(name, hyper, message):
     with pytest.raises(ArcFaceError, match=message):
         build_margin(name, **hyper)
     check_hyper("magface", {"l_a": 1.0, "u_a": 2.0})  # a good one passes
+
+
+@pytest.mark.slow
+def test_training_with_a_margin_type_logs_records_and_saves_it(tiny_data, tmp_path):
+    """train.py --margin_type curricularface: the first log line names the margin and its hyper-parameters,
+    config.yaml records them, and the checkpoint holds the running t, moved from its initial 0."""
+    import yaml
+
+    import train
+    from src.checkpoint import read_checkpoint
+    out = tmp_path / "run"
+    assert train.main(["--data_url", str(tiny_data[0]), "--train_url", str(out), "--network", "r18", "--width", "8",
+                       "--batch_size", "8", "--epochs", "1", "--lr", "0.8", "--scale", "16", "--num_workers", "1",
+                       "--log_interval", "1", "--margin_type", "curricularface", "--curricularface_alpha", "0.5",
+                       "--max_steps", "3"]) == 0
+    assert "r18 width 8 (" in (out / "train.log").read_text()
+    assert "curricularface m 0.5 alpha 0.5 | recordio" in (out / "train.log").read_text()
+    recorded = yaml.safe_load((out / "config.yaml").read_text())
+    assert recorded["margin_type"] == "curricularface" and recorded["curricularface_alpha"] == 0.5
+    params, _ = read_checkpoint(str(out / "ArcFace-1_3.ckpt"))
+    t = float(params["head.margin.t"].asnumpy()[0])
+    assert 0.0 < abs(t) < 1.0 and params["head.weight"].shape == (8, 512)

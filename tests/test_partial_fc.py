@@ -347,6 +347,10 @@ def test_every_margin_on_two_ranks_equals_one_process(dist_run, case):
         for stat, initial in STATISTICS.get(case["kind"], {}).items():  # they moved (and equal the reference)
             assert abs(float(get(f"param_head.margin.{stat}")[0]) - initial) > 1e-3
         assert get("resume_mismatched").tolist() == [""]
+    shards = find_shards(str(dist_run / f"margin_{name}" / f"ArcFace-1_{STEPS}.ckpt"))[WORLD]
+    merged = merge_shards([shards[r] for r in range(WORLD)])  # K rows per class, in class order
+    assert merged.shape == (CLASSES * k, DIM)
+    assert_close(merged, ref["params"]["head.weight"])
     if case["kind"] == "combined":  # the filter acted on rows whose target is on the other rank
         assert ref["loss0"] != pytest.approx(reference_loss_without_filter(dist_run, case), rel=1e-3)
 
