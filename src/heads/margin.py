@@ -104,6 +104,12 @@ class Margin(nn.Cell):
         return ops.zeros((), ms.float32)
 
 
+def _is_straight(gradient):
+    if gradient not in MARGIN_GRADIENTS:
+        raise ArcFaceError(f"margin gradient must be one of {', '.join(MARGIN_GRADIENTS)}, not {gradient!r}")
+    return gradient == "straight"
+
+
 class CombinedMargin(Margin):
     """s (cos(m1 theta + m2) - m3) for the target, s cos for the others.
 
@@ -116,7 +122,7 @@ class CombinedMargin(Margin):
         super().__init__(s)
         self.m1, self.m2, self.m3 = float(m1), float(m2), float(m3)
         self.angular = not (math.isclose(m1, 1.0) and math.isclose(m2, 0.0))
-        self.straight = gradient == "straight"
+        self.straight = _is_straight(gradient)
         self.filter_threshold = float(interclass_filtering_threshold)
 
     def construct(self, cos, one_hot, norms=None):
@@ -151,7 +157,7 @@ class AdaFaceMargin(Margin):
     def __init__(self, s=64.0, m=0.4, h=0.333, t_alpha=0.01, gradient="exact"):
         super().__init__(s)
         self.m, self.h, self.t_alpha = float(m), float(h), float(t_alpha)
-        self.straight = gradient == "straight"
+        self.straight = _is_straight(gradient)
         self.batch_mean = Parameter(Tensor([20.0], ms.float32), name="batch_mean", requires_grad=False)
         self.batch_std = Parameter(Tensor([100.0], ms.float32), name="batch_std", requires_grad=False)
 
@@ -159,7 +165,7 @@ class AdaFaceMargin(Margin):
         a = ops.stop_gradient(clamp_between(norms, 0.001, 100.0))
         n = a.shape[0]
         mean = ops.mean(a)
-        std = ops.sqrt(ops.sum(ops.square(a - mean)) / max(n - 1, 1))  # unbiased, as torch's std()
+        std = ops.sqrt(ops.sum(ops.square(a - mean)) / max(n - 1, 1))  # unbiased as torch's (0, not NaN, for n 1)
         batch_mean = self.t_alpha * mean + (1.0 - self.t_alpha) * self.batch_mean
         batch_std = self.t_alpha * std + (1.0 - self.t_alpha) * self.batch_std
         updated = ops.depend(ops.assign(self.batch_mean, batch_mean), ops.assign(self.batch_std, batch_std))
@@ -278,8 +284,7 @@ def check_hyper(name, hyper):
         if key not in known:
             raise ArcFaceError(f"margin {name} has no hyper-parameter {key!r} (it has {', '.join(known)})")
         if key == "gradient":
-            if value not in MARGIN_GRADIENTS:
-                raise ArcFaceError(f"margin gradient must be one of {', '.join(MARGIN_GRADIENTS)}, not {value!r}")
+            _is_straight(value)
             continue
         if key == "easy_margin":
             if not isinstance(value, bool):
