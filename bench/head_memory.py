@@ -174,7 +174,7 @@ def measure_case(local, dim, global_batch, rate):
     after = _rss()
     state = sum(p.asnumpy().nbytes for p in step.get_parameters() if p.name.startswith(("accum.", "stat.")))
     grads = step.gradients(x, y, Tensor(1.0, ms.float32))[1]
-    logits, _ = head.local_logits(x, y)
+    logits = head.local_logits(x, y)[0]
     return {"weight": head.weight.asnumpy().nbytes, "state": state, "grad": grads[0].asnumpy().nbytes,
             "grad_shape": list(grads[0].shape), "logits": logits.asnumpy().nbytes, "k": int(logits.shape[1]),
             "built_growth": built - base, "step_peak_growth": peak - base, "after_step_growth": after - base}

@@ -2,7 +2,8 @@
 # The bundled demo end to end on synthetic identities:
 #   make the data (once) -> train a narrow iresnet18 with ArcFace -> verify on pairs of held-out
 #   identities with val.py -> export MINDIR and ONNX -> verify again with ONNX Runtime.
-# Usage: bash scripts/run_demo.sh        (PYTHON, DEMO_DATA, DEMO_OUT may be set)
+# Usage: bash scripts/run_demo.sh [TRAIN_OPTIONS]   (PYTHON, DEMO_DATA, DEMO_OUT may be set)
+#   e.g. DEMO_OUT=outputs/demo_adaface bash scripts/run_demo.sh --margin_type adaface
 set -euo pipefail
 . "$(dirname "$0")/env.sh"
 cd "$ROOT"
@@ -25,7 +26,7 @@ rm -rf "$OUT"
 mkdir -p "$OUT"
 touch "$OUT/.arcface-demo"
 stage "training"
-"$PYTHON" train.py --config configs/demo.yaml --data_url "$DATA/train" --train_url "$OUT"
+"$PYTHON" train.py --config configs/demo.yaml --data_url "$DATA/train" --train_url "$OUT" "$@"
 stage "evaluating the checkpoint on held-out identities"
 "$PYTHON" val.py --eval_url "$DATA" --target demo --ckpt_url "$OUT" --log "$OUT/eval.log"
 stage "exporting"

@@ -22,6 +22,11 @@ from src.errors import ArcFaceError
 from src.models import BACKBONES
 
 MARGINS = {"arcface": (1.0, 0.5, 0.0), "cosface": (1.0, 0.0, 0.4), "softmax": (1.0, 0.0, 0.0)}
+# The hyper-parameters of each --margin_type besides s (--scale), read from the options
+# <type>_<name> (the official names); `gradient` comes from --margin_grad.
+MARGIN_HYPER = {"combined": (), "adaface": ("m", "h", "t_alpha"), "curricularface": ("m", "alpha"),
+                "magface": ("l_a", "u_a", "l_m", "u_m", "lambda_g", "easy_margin"), "subcenter": ("m", "k")}
+MARGIN_WITH_GRADIENT = ("combined", "adaface", "subcenter")
 
 
 def option(default, help, *, fixed=False, choices=None, low=None, above=None, high=None):
@@ -64,9 +69,28 @@ class TrainConfig:
     margin_grad: str = option("exact", "exact: differentiate through arccos and the margin (model zoo); straight: "
                                        "the margin as a constant shift of the target logit (insightface "
                                        "arcface_torch)", choices=("exact", "straight"))
-    interclass_filtering_threshold: float = option(0.0, "zero non-target cosines above this value in rows holding "
-                                                        "their target, for data with conflicting labels (0: off)",
+    interclass_filtering_threshold: float = option(0.0, "combined margin: zero non-target cosines above this "
+                                                        "value, for data with conflicting labels (0: off)",
                                                    low=0.0, high=1.0)
+    margin_type: str = option("combined", "the loss: combined (--margin), adaface, curricularface, magface or "
+                                          "subcenter (their hyper-parameters below; s is --scale)", fixed=True,
+                              choices=tuple(MARGIN_HYPER))
+    adaface_m: float = option(0.4, "AdaFace margin m", fixed=True, low=0.0)
+    adaface_h: float = option(0.333, "AdaFace h: how far the feature norm moves the margin", fixed=True, low=0.0)
+    adaface_t_alpha: float = option(0.01, "AdaFace: weight of the batch in the running norm mean/std", fixed=True,
+                                    low=0.0, high=1.0)
+    curricularface_m: float = option(0.5, "CurricularFace angular margin m", fixed=True, low=0.0)
+    curricularface_alpha: float = option(0.01, "CurricularFace: weight of the batch in the running target cosine "
+                                               "t", fixed=True, low=0.0, high=1.0)
+    magface_l_a: float = option(10.0, "MagFace lower bound of the feature norm", fixed=True, above=0.0)
+    magface_u_a: float = option(110.0, "MagFace upper bound of the feature norm", fixed=True, above=0.0)
+    magface_l_m: float = option(0.45, "MagFace margin at the lower norm bound", fixed=True, low=0.0)
+    magface_u_m: float = option(0.8, "MagFace margin at the upper norm bound", fixed=True, low=0.0)
+    magface_lambda_g: float = option(35.0, "MagFace weight of the norm regulariser", fixed=True, low=0.0)
+    magface_easy_margin: bool = option(True, "MagFace: apply the margin only where the target cosine is positive",
+                                       fixed=True)
+    subcenter_m: float = option(0.5, "sub-center ArcFace angular margin m", fixed=True, low=0.0)
+    subcenter_k: int = option(3, "sub-center ArcFace: centres per class", fixed=True, low=1)
     init: str = option("zoo", "initialisation: zoo (He normal convolutions, N(0, 0.01) fc) or torch (arcface_torch: "
                               "N(0, 0.1) convolutions, PyTorch's default Linear)", choices=("zoo", "torch"))
     partial_fc: bool = option(False, "kept for old commands and configs, no effect: the head's class centres are "
@@ -95,6 +119,8 @@ class TrainConfig:
                                low=1)
     amp: str = option("auto", "auto (fp16 backbone on GPU/Ascend, fp32 on CPU), O0 (fp32) or O2 (fp16 backbone with "
                               "dynamic loss scaling)", choices=("auto", "O0", "O2"))
+    loss_scale_window: int = option(2000, "fp16: steps without overflow before the loss scale doubles "
+                                          "(arcface_torch's GradScaler: 100)", low=1)
     seed: int = option(1024, "random seed", low=0)
     max_steps: int = option(0, "stop after this many global steps (0: all epochs)", low=0)
     sink_size: int = option(0, "GPU/Ascend: run this many steps per call on the device, fed by MindSpore's data sink "
@@ -126,9 +152,22 @@ class TrainConfig:
         """The verification sets of --eval_targets, in order."""
         return [name.strip() for name in self.eval_targets.split(",") if name.strip()]
 
+    @property
+    def margin_hyper(self):
+        """build_margin's keyword arguments for --margin_type (src.heads.margin)."""
+        hyper = {"s": self.scale}
+        if self.margin_type == "combined":
+            hyper.update(zip(("m1", "m2", "m3"), self.margins),
+                         interclass_filtering_threshold=self.interclass_filtering_threshold)
+        hyper.update({name: getattr(self, f"{self.margin_type}_{name}") for name in MARGIN_HYPER[self.margin_type]})
+        if self.margin_type in MARGIN_WITH_GRADIENT:
+            hyper["gradient"] = self.margin_grad
+        return hyper
+
 
 OPTIONS = {f.name: f for f in fields(TrainConfig)}
 FIXED = tuple(f.name for f in fields(TrainConfig) if f.metadata["fixed"])
+_FIXED_NAMED = [name for name in FIXED if not name.startswith(tuple(f"{kind}_" for kind in MARGIN_HYPER))]
 
 
 def parse_margin(text):
@@ -220,6 +259,10 @@ def validate(cfg):
     for name in OPTIONS:
         check_value(name, getattr(cfg, name))
     parse_margin(cfg.margin)
+    if cfg.magface_l_a >= cfg.magface_u_a:
+        raise ArcFaceError(f"--magface_l_a {cfg.magface_l_a:g} must be below --magface_u_a {cfg.magface_u_a:g}")
+    if cfg.magface_l_m > cfg.magface_u_m:
+        raise ArcFaceError(f"--magface_l_m {cfg.magface_l_m:g} must not exceed --magface_u_m {cfg.magface_u_m:g}")
     if cfg.sink_size and cfg.device_target == "CPU":
         raise ArcFaceError("--sink_size needs --device_target GPU or Ascend (MindSpore sinks data to those only)")
     if cfg.train_url and os.path.exists(cfg.train_url) and not os.path.isdir(cfg.train_url):
@@ -304,8 +347,9 @@ def resume_config(cfg, given, recorded, source):
     if changed:
         name = changed[0]
         raise ArcFaceError(f"--resume: {source} was trained with --{name} {_show(getattr(recorded, name))}, not "
-                           f"{_show(getattr(cfg, name))}; a resumed run cannot change {', '.join(FIXED)} "
-                           f"(start a new run with --ckpt_url to initialise from it)")
+                           f"{_show(getattr(cfg, name))}; a resumed run cannot change {', '.join(_FIXED_NAMED)} "
+                           f"or the margin's hyper-parameters (start a new run with --ckpt_url to initialise "
+                           f"from it)")
     merged = TrainConfig(**{name: getattr(cfg if name in given else recorded, name) for name in OPTIONS})
     return validate(merged)
 

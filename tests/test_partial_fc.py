@@ -1,10 +1,13 @@
-"""Partial FC (class-sharded margin head) against the single-process CombinedMarginHead.
+"""Partial FC (the class-sharded margin head) on 2 ranks against one process holding all classes,
+for every margin, with and without sampling.
 
 The distributed tests share one launch of 2 CPU workers by MindSpore's `msrun`
 (tests/dist/partial_fc_worker.py); the reference is computed here, in the test process, from the
 same initial weights and batches (exchanged as .npy files). The "backbone" is a Dense layer: it has
 no BatchNorm, whose per-rank batch statistics would differ from those of the combined batch, so the
-2-rank run must reproduce the 1-process run on the combined batch up to float32 rounding.
+2-rank run must reproduce the 1-process run on the combined batch up to float32 rounding. With
+sampling, each rank samples with fixed scores, and the reference is one process computing the
+softmax over the union of the classes both ranks sampled.
 """
 import json
 import math
@@ -23,7 +26,7 @@ from mindspore import Tensor, nn
 import src.runtime  # noqa: F401  (CPU settings before MindSpore runs)
 from src.errors import ArcFaceError
 from src.heads.classifier import PartialFC, export_merged_checkpoint, merge_shards
-from src.heads.margin import CombinedMargin
+from src.heads.margin import CombinedMargin, build_margin
 from src.heads.sharding import class_range, find_shards, init_centres, num_sampled_centres
 from src.training.state import CheckpointWriter, restore
 from src.training.step import BackboneWithHead, TrainStep
@@ -37,7 +40,23 @@ requires_msrun = pytest.mark.skipif(MSRUN is None, reason="MindSpore's msrun lau
 WORLD, BATCH, STEPS, IN_DIM, DIM, CLASSES = 2, 4, 3, 12, 16, 41  # 41 classes: shards of 21 and 20
 CFG = {"s": 64.0, "margins": [1.0, 0.5, 0.0], "seed": 5, "lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4,
        "sampled": {"num_classes": 100, "sample_rate": 0.3, "steps": 5}}
-MSRUN_TIMEOUT = 180  # seconds; a normal run takes ~40 s on 2 busy cores
+# Every margin, with and without sampling; MagFace's norm bounds are set around the Dense backbone's
+# embedding norms (~2-6) so that its norm gradient acts.
+MARGIN_KINDS = {
+    "combined_filtered": ("combined", {"s": 64.0, "m1": 1.0, "m2": 0.5, "m3": 0.0,
+                                       "interclass_filtering_threshold": 0.2}),
+    "adaface": ("adaface", {"s": 64.0, "t_alpha": 0.3}),
+    "adaface_straight": ("adaface", {"s": 64.0, "h": 2.0, "t_alpha": 0.3, "gradient": "straight"}),
+    "curricularface": ("curricularface", {"s": 64.0, "alpha": 0.3}),
+    "magface": ("magface", {"s": 64.0, "l_a": 2.0, "u_a": 8.0}),
+    "subcenter": ("subcenter", {"s": 64.0, "k": 3}),
+}
+MARGIN_CASES = [{"name": f"{name}{'_sampled' if rate < 1 else ''}", "kind": kind, "hyper": hyper,
+                 "sample_rate": rate, "num_classes": CLASSES}
+                for name, (kind, hyper) in MARGIN_KINDS.items() for rate in (1.0, 0.3)]
+CFG["margin_cases"] = MARGIN_CASES
+STATISTICS = {"adaface": {"batch_mean": 20.0, "batch_std": 100.0}, "curricularface": {"t": 0.0}}
+MSRUN_TIMEOUT = 600  # seconds; a normal run takes ~3 minutes on 2 busy cores
 
 
 
@@ -75,6 +94,11 @@ def dist_run(tmp_path_factory):
     np.save(folder / "head_w.npy", (rng.normal(size=(CLASSES, DIM)) * 0.01).astype(np.float32))
     np.save(folder / "y_sampled.npy",
             rng.integers(0, CFG["sampled"]["num_classes"], size=(WORLD, BATCH)).astype(np.int32))
+    for case in MARGIN_CASES:
+        k = case["hyper"].get("k", 1)
+        np.save(folder / f"margin_{case['name']}_head_w.npy",
+                (rng.normal(size=(CLASSES * k, DIM)) * 0.01).astype(np.float32))
+        np.save(folder / f"margin_{case['name']}_scores.npy", rng.uniform(size=CLASSES).astype(np.float32))
     (folder / "config.json").write_text(json.dumps(CFG))
     env = dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX2", PATH=os.pathsep.join([BIN_DIR, os.environ.get("PATH", "")]),
                PYTHONPATH=str(ROOT))
@@ -232,6 +256,109 @@ def test_export_and_resume_on_one_device(dist_run, reference, tmp_path):
         for param in step.get_parameters():
             if param.name != "learning_rate":
                 assert_close(param.asnumpy(), reference["params"][param.name])
+
+
+def sampled_classes(case, scores, labels):
+    """The classes the ranks sample for the global `labels` with the fixed `scores`: on each rank all
+    its classes of the batch plus the best-scored others, num_sampled_centres in all."""
+    chosen = []
+    for rank in range(WORLD):
+        start, stop = class_range(case["num_classes"], rank, WORLD)
+        local = stop - start
+        count = min(local, max(num_sampled_centres(local, case["sample_rate"], 1), len(labels)))
+        hits = np.zeros(local)
+        hits[[int(v) - start for v in labels if start <= v < stop]] = 1
+        chosen.extend(start + np.argsort(-(scores[start:stop] + 2 * hits), kind="stable")[:count])
+    return sorted(int(c) for c in chosen)
+
+
+def margin_reference(folder, case):
+    """One process (pynative) holding every class, with the union of what the ranks sampled: loss and
+    gradients of batch 0, then the parameters after STEPS steps of the project's train step."""
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    x, y = np.load(folder / "x.npy"), np.load(folder / "y.npy")
+    full_w = np.load(folder / f"margin_{case['name']}_head_w.npy")
+    scores = np.load(folder / f"margin_{case['name']}_scores.npy")
+
+    def build():
+        backbone = nn.Dense(IN_DIM, DIM)
+        backbone.weight.set_data(Tensor(np.load(folder / "dense_w.npy")))
+        backbone.bias.set_data(Tensor(np.load(folder / "dense_b.npy")))
+        head = PartialFC(case["num_classes"], DIM, build_margin(case["kind"], **case["hyper"]),
+                         sample_rate=case["sample_rate"], rank=0, world_size=1)
+        head.weight.set_data(Tensor(full_w))
+        return BackboneWithHead(backbone, head)
+
+    def batch(net, t):
+        labels = y[t].reshape(-1)
+        if case["sample_rate"] < 1:
+            union = Tensor(np.array(sampled_classes(case, scores, labels), np.int32))
+            net.head.sample_centres = lambda local_labels: union
+        return Tensor(x[t].reshape(-1, IN_DIM)), Tensor(labels)
+
+    net = build()
+    images, labels = batch(net, 0)
+    loss, grads = ms.value_and_grad(net, None, net.trainable_params())(images, labels)
+    _, grad_emb = ms.value_and_grad(net.head, 0)(net.backbone(images), labels)
+    ref = {"loss0": float(loss.asnumpy()), "grad_embeddings": grad_emb.asnumpy(),
+           "grads": {p.name: g.asnumpy() for p, g in zip(net.trainable_params(), grads)}}
+    net = build()
+    step = TrainStep(net, nn.SGD(net.trainable_params(), learning_rate=CFG["lr"], momentum=CFG["momentum"],
+                                 weight_decay=CFG["weight_decay"]))
+    ref["losses"] = [float(step(*batch(net, t))[0].asnumpy()) for t in range(STEPS)]
+    ref["params"] = {p.name: p.asnumpy() for p in step.get_parameters()}
+    return ref
+
+
+@requires_msrun
+@pytest.mark.parametrize("case", MARGIN_CASES, ids=[case["name"] for case in MARGIN_CASES])
+def test_every_margin_on_two_ranks_equals_one_process(dist_run, case):
+    """For each margin, with and without sampling: the loss, the backbone gradient, each rank's
+    head-shard gradient (K rows per class for sub-center), the gradient reaching each rank's
+    embeddings (MagFace's through the norm too), and after STEPS SGD steps the parameters and the
+    running statistics, identical on both ranks and equal to one process holding all classes; the
+    2-rank checkpoint (statistics in rank 0's file, the head in shards) restores every rank exactly."""
+    name, k = case["name"], case["hyper"].get("k", 1)
+    ref = margin_reference(dist_run, case)
+    for rank in range(WORLD):
+        def get(what, rank=rank):
+            return load(dist_run, rank, f"{name}_{what}")
+        start, stop = class_range(CLASSES, rank, WORLD)
+        assert float(get("loss0")) == pytest.approx(ref["loss0"], rel=1e-6)
+        for param in ("backbone.weight", "backbone.bias"):
+            assert_close(get("grad_" + param), ref["grads"][param])
+        assert_close(get("grad_head.weight"), ref["grads"]["head.weight"][start * k:stop * k])
+        assert_close(get("grad_embeddings"), ref["grad_embeddings"][rank * BATCH:(rank + 1) * BATCH])
+        if case["sample_rate"] < 1:
+            labels = np.load(dist_run / "y.npy")[0].reshape(-1)
+            scores = np.load(dist_run / f"margin_{name}_scores.npy")
+            mine = {c for c in sampled_classes(case, scores, labels) if start <= c < stop}
+            assert {start + int(i) for i in get("sampled_index")} == mine and len(mine) < stop - start
+        np.testing.assert_allclose(get("losses"), ref["losses"], rtol=1e-5)
+        for param, want in ref["params"].items():
+            if param == "learning_rate":
+                continue
+            got = get("param_" + param)
+            if param.endswith("head.weight"):
+                want = want[start * k:stop * k]
+            else:
+                np.testing.assert_array_equal(got, load(dist_run, 0, f"{name}_param_{param}"))
+            assert_close(got, want)
+        for stat, initial in STATISTICS.get(case["kind"], {}).items():  # they moved (and equal the reference)
+            assert abs(float(get(f"param_head.margin.{stat}")[0]) - initial) > 1e-3
+        assert get("resume_mismatched").tolist() == [""]
+    shards = find_shards(str(dist_run / f"margin_{name}" / f"ArcFace-1_{STEPS}.ckpt"))[WORLD]
+    merged = merge_shards([shards[r] for r in range(WORLD)])  # K rows per class, in class order
+    assert merged.shape == (CLASSES * k, DIM)
+    assert_close(merged, ref["params"]["head.weight"])
+    if case["kind"] == "combined":  # the filter acted on rows whose target is on the other rank
+        assert ref["loss0"] != pytest.approx(reference_loss_without_filter(dist_run, case), rel=1e-3)
+
+
+def reference_loss_without_filter(folder, case):
+    plain = dict(case, name=case["name"], hyper={key: value for key, value in case["hyper"].items()
+                                                if key != "interclass_filtering_threshold"})
+    return margin_reference(folder, plain)["loss0"]
 
 
 # --- single process -------------------------------------------------------------------------------

@@ -54,12 +54,12 @@ def test_weight_decay_on_batchnorm_only_when_asked():
     assert len(everything) == 1 and len(everything[0]["params"]) == 4 and everything[0]["weight_decay"] == 5e-4
 
 
-def tiny_step(clip=0.0, accumulate=1, fp16=False, lr=1.0):
+def tiny_step(clip=0.0, accumulate=1, fp16=False, lr=1.0, scale_window=2000):
     """A Dense "backbone" + the head on one rank, SGD without momentum: an update is -lr * gradient."""
     ms.set_seed(3)
     net = BackboneWithHead(nn.Dense(6, 4), PartialFC(5, 4, CombinedMargin(8.0, 1.0, 0.5, 0.0), rank=0, world_size=1))
     optimizer = nn.SGD(net.trainable_params(), learning_rate=Tensor(np.full(10, lr, np.float32)), momentum=0.0)
-    return net, TrainStep(net, optimizer, fp16=fp16, clip_norm=clip, accumulate=accumulate)
+    return net, TrainStep(net, optimizer, fp16=fp16, clip_norm=clip, accumulate=accumulate, scale_window=scale_window)
 
 
 def batch(seed):
@@ -108,7 +108,9 @@ def test_a_non_finite_step_is_skipped_even_when_clipping():
     assert int(step.optimizer.global_step.asnumpy()[0]) == 1  # the schedule still follows the iteration
 
 
-def test_accumulation_applies_the_mean_gradient_every_k_micro_batches():
+def test_accumulation_applies_the_summed_gradient_every_k_micro_batches():
+    """arcface_torch calls backward() on every micro-batch and steps every k-th: the update is the
+    sum of the k gradients (clipped as a whole), not their mean."""
     net, step = tiny_step(accumulate=2, lr=1.0)
     before = params_of(net)
     (x1, y1), (x2, y2) = batch(1), batch(2)
@@ -121,9 +123,47 @@ def test_accumulation_applies_the_mean_gradient_every_k_micro_batches():
     step(x2, y2)
     after = params_of(net)
     for name in before:
-        np.testing.assert_allclose(before[name] - after[name], (g1[name] + g2[name]) / 2, rtol=1e-4, atol=1e-7)
+        np.testing.assert_allclose(before[name] - after[name], g1[name] + g2[name], rtol=1e-4, atol=1e-7)
     assert int(step.optimizer.global_step.asnumpy()[0]) == 2
     assert not step.accumulated[0].asnumpy().any()  # emptied for the next window
+
+
+def test_accumulation_clips_the_summed_gradient():
+    """The clip acts once per update, on the norm of the summed backbone gradient (arcface_torch's
+    clip_grad_norm_ before opt.step() every k-th micro-batch)."""
+    net, step = tiny_step(clip=0.05, accumulate=2, lr=1.0)
+    before = params_of(net)
+    (x1, y1), (x2, y2) = batch(1), batch(2)
+    g1 = gradients(step, x1, y1)
+    step(x1, y1)
+    g2 = gradients(step, x2, y2)
+    step(x2, y2)
+    after = params_of(net)
+    backbone = ["backbone.weight", "backbone.bias"]
+    summed = {name: g1[name] + g2[name] for name in before}
+    norm = np.sqrt(sum((summed[n] ** 2).sum() for n in backbone))
+    assert norm > 0.05  # the clip is active
+    for name in backbone:
+        np.testing.assert_allclose(before[name] - after[name], summed[name] * 0.05 / (norm + 1e-6), rtol=1e-3,
+                                   atol=1e-7)
+    np.testing.assert_allclose(before["head.weight"] - after["head.weight"], summed["head.weight"], rtol=1e-4,
+                               atol=1e-7)
+
+
+def test_the_loss_scale_doubles_after_a_window_of_good_steps_and_halves_on_overflow():
+    """arcface_torch's GradScaler(growth_interval=100) is --loss_scale_window 100; here a window of 3."""
+    net, step = tiny_step(fp16=True, lr=1e-3, scale_window=3)
+    start = float(step.scale_sense.asnumpy())
+    after = []  # the scale after each step
+    for i in range(7):
+        step(*batch(i))
+        after.append(float(step.scale_sense.asnumpy()))
+    assert after == [start, start, 2 * start, 2 * start, 2 * start, 4 * start, 4 * start]
+    bad, labels = batch(9)
+    spoiled = bad.asnumpy()
+    spoiled[0, 0] = np.inf
+    assert bool(step(Tensor(spoiled), labels)[1].asnumpy())
+    assert float(step.scale_sense.asnumpy()) == 2 * start
 
 
 def test_accumulation_skips_a_non_finite_micro_batch():
@@ -137,8 +177,31 @@ def test_accumulation_skips_a_non_finite_micro_batch():
     g2 = gradients(step, x2, y2)
     step(x2, y2)
     after = params_of(net)
-    for name in before:  # only the finite micro-batch contributes, still divided by the window
-        np.testing.assert_allclose(before[name] - after[name], g2[name] / 2, rtol=1e-4, atol=1e-7)
+    for name in before:  # only the finite micro-batch contributes
+        np.testing.assert_allclose(before[name] - after[name], g2[name], rtol=1e-4, atol=1e-7)
+
+
+def test_every_config_file_loads_and_the_arcface_torch_ones_match_its_recipe():
+    """Every yaml in configs/ is a valid set of options; arcface_torch's grow the loss scale every 100
+    good steps (its GradScaler), its MS1MV2 r50 decays by 5e-4; each loss recipe names its margin and its
+    published figures."""
+    from pathlib import Path
+
+    from src.config import parse_train_args
+    root = Path(__file__).resolve().parents[1] / "configs"
+    files = sorted(root.rglob("*.yaml"))
+    assert len(files) >= 15
+    for path in files:
+        cfg, _ = parse_train_args(["--config", str(path)])
+        if path.parent.name == "arcface_torch":
+            assert cfg.loss_scale_window == 100 and cfg.margin_grad == "straight", path
+        if path.parent.name == "losses":
+            assert path.name.startswith(cfg.margin_type) and "Published" in path.read_text(), path
+    r50, _ = parse_train_args(["--config", str(root / "arcface_torch" / "ms1mv2_r50.yaml")])
+    assert r50.weight_decay == 5e-4
+    losses = {path.stem for path in (root / "losses").glob("*.yaml")}
+    assert {"adaface_ms1mv2_r100", "adaface_webface4m_r100", "curricularface_ms1mv2_r100", "magface_ms1mv2_r100",
+            "subcenter_ms1mv0_r50"} <= losses
 
 
 def test_torch_initialisation_of_an_iresnet():
@@ -165,6 +228,9 @@ def test_recipe_options_reach_the_network_and_the_step():
     assert net.head.margin.straight and net.head.margin.filter_threshold == 0.4 and net.head.margin.m3 == 0.4
     step = build_step(cfg, net, LRSchedule.constant(1e-3), fp16=False)
     assert isinstance(step.optimizer, AdamW) and step.clip_norm == 5.0 and step.accumulate == 3
+    fp16_step = build_step(TrainConfig(network="r18", width=8, loss_scale_window=100), net,
+                           LRSchedule.constant(1e-3), fp16=True)
+    assert fp16_step.scale_manager.scale_window == 100
     assert all(wd == pytest.approx(0.1) for wd in step.optimizer.decays)  # BatchNorm decayed too
     sgd = build_optimizer(TrainConfig(network="r18", width=8), net, LRSchedule.constant(0.1))
     assert isinstance(sgd, nn.SGD)

@@ -88,8 +88,13 @@ def test_resume_starts_from_the_record_and_refuses_to_change_the_network(trained
     assert len(err.splitlines()) == 1 and "trained with --network r18, not r50" in err, err
     assert run_main(train.main, ["--train_url", str(out), "--resume", "auto", "--margin", "cosface"]) == 2
     assert "trained with --margin arcface, not cosface" in capsys.readouterr().err
+    for option, value, recorded_value in (("--margin_type", "adaface", "combined"), ("--subcenter_k", "2", "3")):
+        assert run_main(train.main, ["--train_url", str(out), "--resume", "auto", option, value]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and f"trained with {option} {recorded_value}, not {value}" in err, err
     assert train.main(["--train_url", str(out), "--resume", "auto", "--epochs", "5", "--eval_url", ""]) == 0
     recorded = yaml.safe_load((out / "config.yaml").read_text())
+    assert recorded["margin_type"] == "combined" and recorded["adaface_h"] == 0.333
     assert recorded["epochs"] == 5 and recorded["data_url"] == str(tiny_data[0]) and recorded["width"] == 8
     assert recorded["schedule"] == [3] and recorded["lr"] == 3.2 and recorded["resume"] == "auto"
     rows = read_metrics(out)

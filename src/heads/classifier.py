@@ -6,12 +6,17 @@ Rank r holds the centres of its classes [class_start, class_stop) (`sharding.cla
 on every rank:
 
 1. the embeddings and labels of all ranks are all-gathered (global batch N = world_size x local);
-2. cos(theta) between the normalised embeddings and the normalised local (sampled) centres, then
-   the margin (`margin.CombinedMargin`) on the target column of the rows whose class is local;
+2. the embeddings' norms, cos(theta) between the normalised embeddings and the normalised local
+   (sampled) centres, then the margin (src.heads.margin: any value of its interface) turns them
+   into logits; the target column of a row is on the rank holding its class;
 3. the softmax cross-entropy over all classes: the row maximum is taken over the ranks (all-gather
    of the N row maxima, no gradient; CPU has no max all-reduce), the sums of exp and the target
    logits are summed over the ranks with an all-reduce. The loss is the mean over the global
-   batch, the same value on every rank.
+   batch plus the margin's own term (MagFace's regulariser), the same value on every rank.
+
+K centres per class (`margin.centres_per_class`, sub-center ArcFace): the weight has K rows per
+class, class c's at rows c K .. c K + K - 1, so sharding by class, sampling and the shard files
+move a class's K centres together; `num_classes` and the class ranges always count classes.
 
 Gradients. Each rank differentiates its own copy of the (identical) loss. The adjoint of an
 all-reduce (sum) is an all-reduce of the incoming gradient and the adjoint of the all-gather here is
@@ -23,7 +28,7 @@ all-reduce SUM over the ranks (src.training.step does both). It equals the gradi
 parallelism (mean over the global batch).
 
 Sampling (`sample_rate` < 1): every step each rank keeps all its classes present in the global batch
-plus random others, `num_sampled_centres` in all, and computes logits on those rows only. Unsampled
+plus random others, `num_sampled_centres` classes in all, and computes logits on their centres only. Unsampled
 rows get a zero gradient (SGD still applies momentum and weight decay to them, as any SGD does with
 a zero gradient). Each rank draws its negatives from its own random stream (seed, rank).
 
@@ -74,7 +79,7 @@ class _AllGatherRows(nn.Cell):
 
 
 class PartialFC(nn.Cell):
-    """This rank's class centres `weight` (local_classes, D) and the margin softmax loss over all
+    """This rank's class centres `weight` (local_classes x K, D) and the margin softmax loss over all
     classes of all ranks. `construct(embeddings, labels)` takes the local batch and returns the mean
     loss over the global batch (identical on every rank); start its backward pass with `grad_scale`.
 
@@ -93,12 +98,15 @@ class PartialFC(nn.Cell):
         self.class_start, self.class_stop = sharding.class_range(self.num_classes, self.rank, self.world_size)
         self.local_classes = self.class_stop - self.class_start
         self.margin = margin if margin is not None else CombinedMargin()
+        self.margin.set_world_size(self.world_size)
+        self.k = int(self.margin.centres_per_class)
         self.min_sampled = sharding.num_sampled_centres(self.local_classes, sample_rate, 1)  # also validates it
         self.sampling = float(sample_rate) < 1.0
         self.grad_scale = 1.0 / self.world_size
-        self.weight = Parameter(Tensor(sharding.init_centres(self.class_start, self.class_stop, self.embedding_size,
-                                                             seed)), name="weight")
+        self.weight = Parameter(Tensor(sharding.init_centres(self.class_start * self.k, self.class_stop * self.k,
+                                                             self.embedding_size, seed)), name="weight")
         self.class_ids = Tensor(np.arange(self.local_classes, dtype=np.int32))
+        self.centre_offsets = Tensor(np.arange(self.k, dtype=np.int32).reshape(1, -1))
         self.distributed = self.world_size > 1
         if self.distributed:
             use_reduce_scatter = ms.get_context("device_target") != "CPU"
@@ -138,16 +146,19 @@ class PartialFC(nn.Cell):
         return ops.stop_gradient(index)
 
     def local_logits(self, embeddings, local_labels):
-        """(scaled margin logits (N, k), one-hot (N, k)) on this rank's (sampled) centres."""
+        """(scaled margin logits (N, k), one-hot (N, k)) on this rank's k (sampled) classes, and the
+        embeddings' norms (N, 1)."""
         if self.sampling:
             index = self.sample_centres(local_labels)
-            centres = ops.gather(self.weight, index, 0)
+            rows = index.reshape(-1, 1) * self.k + self.centre_offsets if self.k > 1 else index
+            centres = ops.gather(self.weight, rows.reshape(-1), 0)
         else:
             index = self.class_ids
             centres = self.weight
         one_hot = ops.cast(ops.equal(local_labels.reshape(-1, 1), index.reshape(1, -1)), ms.float32)
-        cos = clamp_cosine(ops.matmul(l2_normalize(embeddings), l2_normalize(centres).T))
-        return self.margin(cos, one_hot), one_hot
+        norms = ops.sqrt(ops.sum(embeddings * embeddings, dim=1, keepdim=True) + 1e-12)
+        cos = clamp_cosine(ops.matmul(embeddings / norms, l2_normalize(centres).T))
+        return self.margin(cos, one_hot, norms), one_hot, norms
 
     def cross_entropy(self, logits, one_hot):
         """Mean over the global batch of the softmax cross-entropy over all ranks' classes, via
@@ -166,15 +177,15 @@ class PartialFC(nn.Cell):
 
     def construct(self, embeddings, labels):
         embeddings, labels = self.gather_batch(embeddings, labels)
-        logits, one_hot = self.local_logits(embeddings, labels - self.class_start)
-        return self.cross_entropy(logits, one_hot)
+        logits, one_hot, norms = self.local_logits(embeddings, labels - self.class_start)
+        return self.cross_entropy(logits, one_hot) + self.margin.loss_term(norms)
 
     # -- the head's state on disk --
 
     def state_names(self, train_cell):
-        """Names of this head's state in `train_cell`: its weight and the optimizer slots of it."""
-        own = [p.name for p in self.get_parameters()]
-        return sorted(p.name for p in train_cell.get_parameters() if sharding.is_head_state(p.name, own))
+        """Names of this head's rank-local state in `train_cell`: its weight and the optimizer slots of
+        it. (The margin's running statistics are the same on every rank: they are common state.)"""
+        return sorted(p.name for p in train_cell.get_parameters() if sharding.is_head_state(p.name, [self.weight.name]))
 
     def rank_local_names(self, train_cell):
         """What differs between ranks and so stays out of rank 0's checkpoint: the head state of a
@@ -222,20 +233,22 @@ class PartialFC(nn.Cell):
             for name in names:
                 if name not in arrays:
                     raise ArcFaceError(f"{sets[world][rank]} has no {name} (another optimizer?)")
-                rows[name].append(arrays[name][lo:hi])
+                rows[name].append(arrays[name][lo * self.k:hi * self.k])
         local = {name: np.concatenate(rows[name], axis=0) for name in names}
         self._set_rows(train_cell, names, local, self.class_start, self.class_stop, checkpoint_path)
 
     def _set_rows(self, train_cell, names, arrays, start, stop, source):
-        """Set the rows [class_start, class_stop) of every state entry from `arrays` holding rows [start, stop)."""
+        """Set the classes [class_start, class_stop) of every state entry from `arrays` holding the
+        classes [start, stop) (K rows per class)."""
         params = {p.name: p for p in train_cell.get_parameters()}
+        k = self.k
         for name in names:
             value = arrays[name]
-            if value.shape[0] != stop - start or value.shape[1:] != tuple(params[name].shape[1:]):
+            if value.shape[0] != (stop - start) * k or value.shape[1:] != tuple(params[name].shape[1:]):
                 raise ArcFaceError(f"{source}: {name} has shape {value.shape}, this model needs "
-                                   f"({self.num_classes}, {', '.join(map(str, params[name].shape[1:]))}) "
-                                   f"(another --num_classes or --num_features?)")
-            value = value[self.class_start - start:self.class_stop - start]
+                                   f"({self.num_classes * k}, {', '.join(map(str, params[name].shape[1:]))}) "
+                                   f"(another --num_classes, --num_features or sub-center k?)")
+            value = value[(self.class_start - start) * k:(self.class_stop - start) * k]
             params[name].set_data(Tensor(np.ascontiguousarray(value), params[name].dtype))
 
 
@@ -258,7 +271,7 @@ def read_shard(source):
 
 
 def merge_shards(sources, name="head.weight"):
-    """Full (num_classes, ...) array of `name` (the head weight, or an optimizer slot such as
+    """Full (num_classes x K, ...) array of `name` (the head weight, or an optimizer slot such as
     `accum.head.weight`) from the shards of all ranks: paths or ms.load_checkpoint dicts, any order."""
     shards = [read_shard(source) for source in sources]
     order = sharding.check_tiling([info for _, info in shards], "merging head shards")

@@ -68,14 +68,14 @@ def _accumulate_tensor(total, grad):
     return ops.assign_add(total, ops.cast(grad, total.dtype))
 
 
-_take_mean = ops.MultitypeFuncGraph("_take_mean")
+_take_sum = ops.MultitypeFuncGraph("_take_sum")
 
 
-@_take_mean.register("Number", "Tensor")
-def _take_mean_tensor(count, total):
-    """The mean of the accumulated gradients; the buffer is emptied for the next window."""
-    mean = total / count
-    return ops.depend(mean, ops.assign(total, ops.zeros_like(total)))
+@_take_sum.register("Tensor")
+def _take_sum_tensor(total):
+    """The sum of the accumulated gradients; the buffer is emptied for the next window."""
+    summed = total * 1.0
+    return ops.depend(summed, ops.assign(total, ops.zeros_like(total)))
 
 
 _summed = ops.MultitypeFuncGraph("_summed")
@@ -106,18 +106,33 @@ def _unscale_tensor(scale, grad):
     return grad / ops.cast(scale, grad.dtype)
 
 
+class _ScaledLoss(nn.Cell):
+    """(images, labels, sens) -> (loss x sens, loss): what Gradients differentiates."""
+
+    def __init__(self, network):
+        super().__init__(auto_prefix=False)
+        self.network = network
+
+    def construct(self, images, labels, sens):
+        loss = self.network(images, labels)
+        return loss * sens, loss
+
+
 class Gradients(nn.Cell):
     """(images, labels, sens) -> (loss, gradients of `weights`): the backward pass starts with
     sens x head.grad_scale; on several ranks the gradients of replicated (backbone) parameters are
     summed over the ranks while the head's stay local. With sens 1 the result is the exact gradient
-    of the global mean loss on every rank."""
+    of the global mean loss on every rank. The forward pass runs once (value and gradient together),
+    so running statistics updated in it (BatchNorm's, the margin's) advance once per step in
+    pynative mode too."""
 
     def __init__(self, network, weights):
         super().__init__(auto_prefix=False)
         head = network.head
         self.network = network
         self.weights = weights
-        self.grad = ops.GradOperation(get_by_list=True, sens_param=True)
+        self.scaled_loss = _ScaledLoss(network)
+        self.value_and_grad = ms.value_and_grad(self.scaled_loss, None, weights, has_aux=True)
         self.grad_scale = float(head.grad_scale)
         self.distributed = head.world_size > 1
         head_names = {p.name for p in head.get_parameters()}
@@ -128,8 +143,7 @@ class Gradients(nn.Cell):
         self.hyper_map = ops.HyperMap()
 
     def construct(self, images, labels, sens):
-        loss = self.network(images, labels)
-        grads = self.grad(self.network, self.weights)(images, labels, sens * self.grad_scale)
+        (_, loss), grads = self.value_and_grad(images, labels, sens * self.grad_scale)
         if self.distributed:
             grads = self.hyper_map(ops.partial(_sum_over_ranks, self.all_reduce), self.replicated, grads)
         return loss, grads
@@ -138,8 +152,10 @@ class Gradients(nn.Cell):
 class TrainStep(nn.Cell):
     """One optimizer step of `network` (a BackboneWithHead). `fp16` adds dynamic loss scaling;
     `clip_norm` > 0 clips the backbone's gradient to that global norm (after unscaling, before the
-    update; the head is not clipped, as in arcface_torch); `accumulate` = k applies the mean gradient
-    of k micro-batches every k-th call (a non-finite micro-batch adds nothing to it).
+    update; the head is not clipped, as in arcface_torch); `accumulate` = k applies the sum of the
+    gradients of k micro-batches every k-th call, clipped as a whole, as arcface_torch does (a
+    non-finite micro-batch adds nothing to it). `scale_window`: good steps before the loss scale
+    doubles (PyTorch's GradScaler: growth_interval, 100 in arcface_torch).
     Parameter names are the network's and the optimizer's (auto_prefix off, as nn.TrainOneStepCell),
     so checkpoints hold `backbone.*`, `head.weight`, `accum.*`, `global_step`, `scale_sense`."""
 
@@ -209,8 +225,8 @@ class TrainStep(nn.Cell):
                 loss = ops.depend(loss, self.hyper_map(_accumulate, self.accumulated, grads))
             count = ops.assign_add(self.micro_step, Tensor(1, ms.int32))
             if count % self.accumulate == 0:
-                mean = self.hyper_map(ops.partial(_take_mean, float(self.accumulate)), self.accumulated)
-                loss = ops.depend(loss, self.apply(mean))
+                summed = self.hyper_map(_take_sum, self.accumulated)
+                loss = ops.depend(loss, self.apply(summed))
             else:
                 loss = ops.depend(loss, ops.assign_add(self.optimizer.global_step, self.one))
         elif overflow:

@@ -25,7 +25,7 @@ from src.data.sources import open_source, resolve_num_classes
 from src.errors import ArcFaceError
 from src.files import atomic_write, remove_stale_temporaries
 from src.heads.classifier import PartialFC
-from src.heads.margin import CombinedMargin
+from src.heads.margin import build_margin
 from src.models import apply_init, get_backbone
 from src.models.flops import gmacs
 from src.training import modelarts
@@ -179,15 +179,14 @@ def build_network(cfg, num_classes, fp16=False):
     """Backbone + the class-sharded head (rank and world size from the communication group)."""
     backbone = get_backbone(cfg.network, cfg.num_features, cfg.dropout, fp16=fp16, width=cfg.width)
     apply_init(backbone, cfg.network, cfg.init, cfg.seed)
-    margin = CombinedMargin(cfg.scale, *cfg.margins, gradient=cfg.margin_grad,
-                            interclass_filtering_threshold=cfg.interclass_filtering_threshold)
+    margin = build_margin(cfg.margin_type, **cfg.margin_hyper)
     head = PartialFC(num_classes, cfg.num_features, margin, sample_rate=cfg.sample_rate, seed=cfg.seed)
     return BackboneWithHead(backbone, head)
 
 
 def build_step(cfg, net, lr_schedule, fp16):
     return TrainStep(net, build_optimizer(cfg, net, lr_schedule), fp16=fp16, clip_norm=cfg.clip_grad_norm,
-                     accumulate=cfg.gradient_acc)
+                     accumulate=cfg.gradient_acc, scale_window=cfg.loss_scale_window)
 
 
 def restore_state(run, net, step):
@@ -207,8 +206,12 @@ def describe_run(run, source, steps_per_epoch, lr, fp16, macs):
     """The first log line: what is trained on what, how, at which cost per image."""
     cfg = run.cfg
     width = f" width {cfg.width}" if cfg.width != 64 else ""
-    parts = [f"{cfg.network}{width} ({2 * macs:.2f} GFLOPs = {macs:.2f} G multiply-adds per image) {cfg.margin}"
-             + (" straight-through" if cfg.margin_grad == "straight" else ""),
+    hyper = cfg.margin_hyper
+    margin = cfg.margin if cfg.margin_type == "combined" else cfg.margin_type + "".join(
+        f" {key} {value}" if isinstance(value, bool) else f" {key} {value:g}"
+        for key, value in hyper.items() if key not in ("s", "gradient"))
+    parts = [f"{cfg.network}{width} ({2 * macs:.2f} GFLOPs = {macs:.2f} G multiply-adds per image) {margin}"
+             + (" straight-through" if hyper.get("gradient") == "straight" else ""),
              f"{source.kind} {run.data_dir}: {len(source)} images, {cfg.num_classes} classes",
              f"{run.rt.group_size} x {cfg.device_target}",
              f"batch {cfg.batch_size} per device, {steps_per_epoch} steps/epoch",

@@ -3,8 +3,9 @@
     msrun --worker_num=2 ... partial_fc_worker.py DIR
 
 DIR holds the inputs written by the test (`config.json`, `x.npy` (steps, world, batch, in),
-`y.npy` (steps, world, batch), `dense_w.npy`, `dense_b.npy`, `head_w.npy`, `y_sampled.npy`); this
-script writes its results to DIR/rank<r>/ as .npy files and DIR/rank<r>/done when it finished.
+`y.npy` (steps, world, batch), `dense_w.npy`, `dense_b.npy`, `head_w.npy`, `y_sampled.npy`, and per
+margin case `margin_<case>_head_w.npy` and `margin_<case>_scores.npy`); this script writes its results
+to DIR/rank<r>/ as .npy files and DIR/rank<r>/done when it finished.
 The "backbone" is a Dense layer (no BatchNorm, so the per-rank computation is exactly that of the
 combined batch).
 """
@@ -24,7 +25,7 @@ from mindspore import nn, ops, Tensor  # noqa: E402
 
 from src.checkpoint import checkpoint_name  # noqa: E402
 from src.heads.classifier import PartialFC  # noqa: E402
-from src.heads.margin import CombinedMargin  # noqa: E402
+from src.heads.margin import CombinedMargin, build_margin  # noqa: E402
 from src.heads.sharding import class_range  # noqa: E402
 from src.training.state import CheckpointWriter, restore  # noqa: E402
 from src.training.step import BackboneWithHead, TrainStep  # noqa: E402
@@ -48,6 +49,18 @@ class SampledCentres(nn.Cell):
     def construct(self, labels):
         global_labels = self.head.gather_labels(labels)
         return self.head.sample_centres(global_labels - self.head.class_start), global_labels
+
+
+class FixedScores(nn.Cell):
+    """Stands in for the head's random stream: the same sampling scores every step, so that the test
+    knows which classes each rank samples."""
+
+    def __init__(self, scores):
+        super().__init__()
+        self.scores = Tensor(scores.astype(np.float32))
+
+    def construct(self, shape):
+        return self.scores
 
 
 class Barrier(nn.Cell):
@@ -144,6 +157,56 @@ def main(data_dir):
     save("sampled_losses", np.array([float(o[0].asnumpy()) for o in outputs]))
     save("sampled_overflow", np.array([bool(o[1].asnumpy()) for o in outputs]))
     timings["sampled"] = time.time() - tick
+
+    # 5. Every margin, with and without sampling: loss and gradients of one batch, then a few SGD
+    #    steps (running statistics included), saved and restored the way training does.
+    for case in cfg["margin_cases"]:
+        name, k = case["name"], case["hyper"].get("k", 1)
+        full_w = np.load(os.path.join(data_dir, f"margin_{name}_head_w.npy"))
+        scores = np.load(os.path.join(data_dir, f"margin_{name}_scores.npy"))
+
+        def build_case():
+            backbone = nn.Dense(dense_w.shape[1], dense_w.shape[0])
+            backbone.weight.set_data(Tensor(dense_w))
+            backbone.bias.set_data(Tensor(dense_b))
+            head = PartialFC(case["num_classes"], dense_w.shape[0], build_margin(case["kind"], **case["hyper"]),
+                             sample_rate=case["sample_rate"], rank=rank, world_size=world, seed=cfg["seed"])
+            start, stop = head.class_start, head.class_stop
+            head.weight.set_data(Tensor(full_w[start * k:stop * k]))
+            if head.sampling:
+                head.uniform = FixedScores(scores[start:stop])
+            net = BackboneWithHead(backbone, head)
+            optimizer = nn.SGD(net.trainable_params(), learning_rate=cfg["lr"], momentum=cfg["momentum"],
+                               weight_decay=cfg["weight_decay"])
+            return net, head, TrainStep(net, optimizer)
+
+        net, head, step = build_case()
+        images, labels = Tensor(x[0, rank]), Tensor(y[0, rank])
+        loss, grads = step.gradients(images, labels, Tensor(1.0, ms.float32))
+        save(f"{name}_loss0", loss)
+        for param, grad in zip(step.weights, grads):
+            save(f"{name}_grad_{param.name}", grad)
+        grad_emb = ops.GradOperation(sens_param=True)(head)(net.backbone(images), labels,
+                                                           Tensor(head.grad_scale, ms.float32))
+        save(f"{name}_grad_embeddings", grad_emb)
+        if head.sampling:
+            save(f"{name}_sampled_index", SampledCentres(head)(labels)[0])
+
+        net, head, step = build_case()
+        losses = [float(step(Tensor(x[t, rank]), Tensor(y[t, rank]))[0].asnumpy()) for t in range(steps)]
+        save(f"{name}_losses", np.array(losses))
+        for param in step.get_parameters():
+            save(f"{name}_param_{param.name}", param)
+        folder = os.path.join(data_dir, f"margin_{name}")
+        CheckpointWriter(step, head, folder, keep=1, is_main=rank == 0).save(
+            {"epoch": 1, "step_in_epoch": steps, "global_step": steps})
+        Barrier()(Tensor(np.ones(1, np.float32))).asnumpy()
+        _, head2, step2 = build_case()
+        restore(step2, head2, os.path.join(folder, checkpoint_name(1, steps)))
+        restored = {p.name: p.asnumpy() for p in step2.get_parameters()}
+        save(f"{name}_resume_mismatched", np.array([p.name for p in step.get_parameters() if p.name != "learning_rate"
+                                                    and not np.array_equal(p.asnumpy(), restored[p.name])] or [""]))
+        timings[name] = time.time() - tick
     with open(os.path.join(out, "done"), "w", encoding="utf-8") as fh:
         json.dump(timings, fh)
 
