@@ -49,6 +49,53 @@ def test_loss_falls_and_checkpoints_are_written(trained_run):
     assert "epoch: 4 step: 8, loss is" in log and "per step time:" in log and "img/s" in log
 
 
+def test_the_run_says_what_is_about_to_happen_and_how_long_it_takes(trained_run):
+    """Before the graph is compiled: network, size, cost, data, steps, batch x devices, recipe,
+    precision; a few steps in: the time per step, per epoch and for the rest of the run."""
+    from src.models import get_backbone
+    parameters = sum(int(np.prod(p.shape)) for p in get_backbone("r18", width=8).trainable_params())
+    lines = (trained_run / "train.log").read_text().splitlines()
+    text = "\n".join(re.sub(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ ", "", line) for line in lines)  # no stamps
+    block = f"training r18 width 8: {parameters / 1e6:.1f} M parameters, "
+    assert block in text
+    assert re.search(r"^  loss       arcface \(combined margin 1,0.5,0\), scale 16$", text, re.M), text
+    assert re.search(r"^  data       recordio .*: 64 images, 8 classes$", text, re.M)
+    assert re.search(r"^  steps      32 to go of 32 \(8 steps/epoch x 4 epoch\(s\)\), batch 8 per device x 1 x CPU "
+                     r"= 8 images per step$", text, re.M)
+    assert re.search(r"^  precision  fp32, graph mode$", text, re.M)
+    assert text.index(block) < text.index("compiling the training graph")
+    estimate = re.search(r"^about ([\d.e+-]+) s per step \(([\d.]+) img/s\): an epoch takes about (\d+) s, the rest "
+                         r"of the run about (\d+) s$", text, re.M)
+    assert estimate, text
+    per_step, epoch, rest = float(estimate.group(1)), int(estimate.group(3)), int(estimate.group(4))
+    assert abs(epoch - 8 * per_step) <= 1 and abs(rest - 26 * per_step) <= 1  # estimated after step 6 of 32
+    assert "note: " not in text  # a narrow r18 trains fine on a CPU
+
+
+def test_a_large_network_on_a_cpu_is_announced_as_slow():
+    from types import SimpleNamespace
+
+    from src.config import TrainConfig
+    from src.models import get_backbone
+    from src.training.loop import Schedule
+    from src.training.lr_schedule import LRSchedule
+    from src.training.trainer import describe_run
+    cfg = TrainConfig(network="r50", num_classes=85742)
+    run = SimpleNamespace(cfg=cfg, data_dir="/data/faces_emore", rt=SimpleNamespace(group_size=1))
+    source = type("Source", (), {"kind": "recordio", "__len__": lambda self: 5822653})()
+    schedule = Schedule(90978, 90978 * 25, 0, 64, LRSchedule("step", 0.01, 90978, 25, [10, 16, 21]))
+    text = describe_run(run, source, SimpleNamespace(backbone=get_backbone("r50")), schedule, fp16=False)
+    assert text.startswith("training r50: 43.6 M parameters, 12.6")  # insightface's "GFLOPs" of r50: 6.3 G MACs
+    assert "5822653 images, 85742 classes" in text and "2274450 to go of 2274450 (90978 steps/epoch x 25" in text
+    assert text.splitlines()[-1].startswith("note: r50 has 44 M parameters: training it on a CPU takes seconds per "
+                                            "image") and "configs/demo.yaml" in text
+
+
+def test_durations_read_naturally():
+    from src.training.callbacks import duration
+    assert [duration(s) for s in (42, 600, 3 * 3600, 5 * 86400)] == ["42 s", "10 min", "3.0 h", "5.0 days"]
+
+
 def test_lr_schedule_in_log(trained_run):
     lrs = [m["lr"] for m in read_metrics(trained_run)]
     # 3.2 for a batch of 512 -> 0.05 at batch 8, halved from epoch 3 on (0-based).

@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import sys
+import time
 from dataclasses import dataclass
 
 from tqdm import tqdm
@@ -116,21 +117,53 @@ def read_metrics(path):
     return rows
 
 
+def duration(seconds):
+    """'42 s', '12 min', '3.5 h', '2.1 days'."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 48 * 3600:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
+
+
 class LossMonitor(Callback):
     """The model zoo's log lines plus lr and throughput, a progress bar on a terminal, and a
     metrics.jsonl file (one JSON object per logged step) for plotting training curves."""
 
-    def __init__(self, log_interval, metrics_path=None, progress=None):
+    # Steps timed after the first one (which compiles the graph) before the run's length is estimated.
+    ESTIMATE_AFTER = 5
+
+    def __init__(self, log_interval, metrics_path=None, progress=None, schedule=None):
         self.log_interval = log_interval
         self.metrics_path = metrics_path
         self.progress = sys.stderr.isatty() if progress is None else progress
         self.bar = None
         self.window_steps, self.window_seconds, self.window_skipped = 0, 0.0, 0
         self.epoch_steps, self.epoch_seconds = 0, 0.0
+        self.schedule, self.timing_from = schedule, None  # (global step, time) after the first step
 
     def on_step(self, global_step, steps=1):
         if self.bar is not None:
             self.bar.update(steps)
+        if self.schedule is not None:
+            self._estimate(global_step)
+
+    def _estimate(self, global_step):
+        """Once, a few steps after the compiled first one: how long an epoch and the rest of the run take."""
+        now = time.perf_counter()
+        if self.timing_from is None:
+            self.timing_from = (global_step, now)
+            return
+        timed = global_step - self.timing_from[0]
+        if timed < self.ESTIMATE_AFTER:
+            return
+        per_step = (now - self.timing_from[1]) / timed
+        self.schedule, schedule = None, self.schedule
+        self._write(f"about {per_step:.3g} s per step ({schedule.global_batch / per_step:.1f} img/s): an epoch takes "
+                    f"about {duration(per_step * schedule.steps_per_epoch)}, the rest of the run about "
+                    f"{duration(per_step * (schedule.total_steps - global_step))}")
 
     def on_sync(self, s: SyncState):
         if self.progress and self.bar is None:

@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 
 import mindspore as ms
+import numpy as np
 
 from src import runtime
 from src.checkpoint import MODEL_KEYS, checkpoint_position, list_checkpoints, read_checkpoint
@@ -202,31 +203,51 @@ def restore_state(run, net, step):
     return 0
 
 
-def describe_run(run, source, steps_per_epoch, lr, fp16, macs):
-    """The first log line: what is trained on what, how, at which cost per image."""
+# A network of this many parameters or more (r50: 43.6 M) takes seconds per image to train on a CPU.
+SLOW_ON_CPU_PARAMETERS = 40_000_000
+
+
+def describe_run(run, source, net, schedule, fp16):
+    """What is about to happen, printed before the graph is compiled: the network and its cost, the data,
+    the steps, the recipe; on a CPU a warning when the network is too large to train there in reasonable
+    time (a run started without --config is the model zoo's r100)."""
     cfg = run.cfg
-    width = f" width {cfg.width}" if cfg.width != 64 else ""
+    macs = gmacs(net.backbone)
+    parameters = sum(int(np.prod(p.shape)) for p in net.backbone.trainable_params())
     hyper = cfg.margin_hyper
-    margin = cfg.margin if cfg.margin_type == "combined" else cfg.margin_type + "".join(
-        f" {key} {value}" if isinstance(value, bool) else f" {key} {value:g}"
-        for key, value in hyper.items() if key not in ("s", "gradient"))
-    parts = [f"{cfg.network}{width} ({2 * macs:.2f} GFLOPs = {macs:.2f} G multiply-adds per image) {margin}"
-             + (" straight-through" if hyper.get("gradient") == "straight" else ""),
-             f"{source.kind} {run.data_dir}: {len(source)} images, {cfg.num_classes} classes",
-             f"{run.rt.group_size} x {cfg.device_target}",
-             f"batch {cfg.batch_size} per device, {steps_per_epoch} steps/epoch",
-             f"{cfg.optimizer} lr {lr:g} {cfg.lr_schedule}", "fp16 backbone + loss scaling" if fp16 else "fp32",
-             f"{cfg.mode} mode"]
+    margin = (f"{cfg.margin} (combined margin {','.join(f'{m:g}' for m in cfg.margins)})"
+              if cfg.margin_type == "combined" else cfg.margin_type + "".join(
+                  f" {key} {value}" if isinstance(value, bool) else f" {key} {value:g}"
+                  for key, value in hyper.items() if key not in ("s", "gradient")))
+    width = f" width {cfg.width}" if cfg.width != 64 else ""
+    epochs = -(-schedule.total_steps // schedule.steps_per_epoch)
+    recipe = [f"{cfg.optimizer} lr {schedule.lr.lr:g} {cfg.lr_schedule}"]
     if cfg.sample_rate < 1:
-        parts.append(f"sampling {cfg.sample_rate:g} of the class centres")
+        recipe.append(f"sampling {cfg.sample_rate:g} of the class centres")
     if cfg.gradient_acc > 1:
-        parts.append(f"{cfg.gradient_acc} micro-batches per update")
+        recipe.append(f"{cfg.gradient_acc} micro-batches per update")
     if cfg.clip_grad_norm:
-        parts.append(f"gradient norm clipped at {cfg.clip_grad_norm:g}")
-    return " | ".join(parts)
+        recipe.append(f"gradient norm clipped at {cfg.clip_grad_norm:g}")
+    lines = [
+        f"training {cfg.network}{width}: {parameters / 1e6:.1f} M parameters, {2 * macs:.2f} GFLOPs "
+        f"({macs:.2f} G multiply-adds) per image",
+        f"  loss       {margin}, scale {cfg.scale:g}" + (" (straight-through)" if hyper.get("gradient") == "straight"
+                                                          else ""),
+        f"  data       {source.kind} {run.data_dir}: {len(source)} images, {cfg.num_classes} classes",
+        f"  steps      {schedule.total_steps - schedule.start_step} to go of {schedule.total_steps} "
+        f"({schedule.steps_per_epoch} steps/epoch x {epochs} epoch(s)), batch {cfg.batch_size} per device x "
+        f"{run.rt.group_size} x {cfg.device_target} = {schedule.global_batch} images per step",
+        f"  recipe     {', '.join(recipe)}",
+        f"  precision  {'fp16 backbone + loss scaling' if fp16 else 'fp32'}, {cfg.mode} mode",
+    ]
+    if cfg.device_target == "CPU" and parameters >= SLOW_ON_CPU_PARAMETERS:
+        lines.append(f"note: {cfg.network} has {parameters / 1e6:.0f} M parameters: training it on a CPU takes seconds "
+                     f"per image (days per epoch on a large set); for a first run try --config configs/demo.yaml, or "
+                     f"a GPU/Ascend device")
+    return "\n".join(lines)
 
 
-def build_callbacks(run, net, step):
+def build_callbacks(run, net, step, schedule=None):
     cfg, rt = run.cfg, run.rt
     model = {key: getattr(cfg, key) for key in MODEL_KEYS}
     writer = CheckpointWriter(step, net.head, run.output_dir, cfg.keep_checkpoint_max,
@@ -236,7 +257,7 @@ def build_callbacks(run, net, step):
         metrics = os.path.join(run.output_dir, "metrics.jsonl")
         if not cfg.resume and os.path.exists(metrics):
             os.remove(metrics)  # a fresh run starts a fresh curve
-        callbacks.insert(0, LossMonitor(cfg.log_interval, metrics))
+        callbacks.insert(0, LossMonitor(cfg.log_interval, metrics, schedule=schedule))
         if cfg.eval_url:
             from src.evaluation.verification import load_sets
             sets = load_sets(cfg.eval_url, cfg.eval_sets, log=logger.info, progress=False)
@@ -288,8 +309,8 @@ def _train(run, given):
     if start_step:
         ms.dataset.config.set_seed(cfg.seed + start_step)  # a new shuffle instead of replaying the first run's order
 
-    logger.info(describe_run(run, source, steps_per_epoch, lr, fp16, gmacs(net.backbone)))
-    callbacks = build_callbacks(run, net, step)
     schedule = Schedule(steps_per_epoch, total_steps, start_step, cfg.batch_size * run.rt.group_size, lr_schedule,
                         cfg.log_interval, cfg.sink_size)
+    logger.info(describe_run(run, source, net, schedule, fp16))
+    callbacks = build_callbacks(run, net, step, schedule)
     return run_loop(step, dataset, schedule, callbacks)
