@@ -748,7 +748,7 @@ def gallery_templates(model, gallery, batch_size, cache=None, skip_bad=False, pr
             identities.append(identity)
             templates.append(mean_embedding(np.stack(rows)))
         else:
-            warn(f"warning: identity {identity} has no usable image; left out of the gallery")
+            warn(f"warning: identity {shown(identity)} has no usable image; left out of the gallery")
     if not templates:
         raise ArcFaceError(f"{shown(gallery_dir)}: no identity of the gallery has a usable image")
     return identities, np.stack(templates)
