@@ -9,11 +9,14 @@ first; a photo given as a file gives DIR/b_0.png, ...). DIR/faces.csv lists ever
 (the PNG relative to DIR, the photo (relative to DIR unless given absolute), the detector's score,
 and the five landmarks in the photo's pixels: left eye, right eye, nose, left and right mouth
 corner), and a row with an empty face for every photo in which no face was found. The file works
-as embed.py --landmarks input (one face per photo: with --largest).
+as embed.py --landmarks input (each row a face). The output folder of every photo is made even when
+it gives no face: a person whose photos all fail keeps an empty folder, reported by src.datainfo.
 
   # a training set from one folder of photos per person: keep one face per photo (--largest)
   python align.py --input people/ --output people_aligned/ --largest
+  python -m src.datainfo people_aligned        # identities, and persons left without a face
   python -m src.pack_rec --input people_aligned --output people_rec
+  python train.py --data_url people_rec --train_url outputs/mine ...
 
   # every face of at least 40 pixels in some photos
   python align.py --input party/ holiday.jpg --output faces/ --min_size 40

@@ -27,6 +27,10 @@ def build_parser():
     parser.add_argument("--log", default=None, help="file the result lines are appended to (default: eval.log in the "
                                                      "checkpoint's folder)")
     parser.add_argument("--result_dir", default=None, help="IJB scores and ROC plot (default: the checkpoint's folder)")
+    parser.add_argument("--flip_fusion", default="sum", choices=("sum", "norm"),
+                        help="how the features of an image and of its flip are combined: sum (default: the "
+                             "references' sum of the unnormalised features) or norm (AdaFace's: each normalised "
+                             "and multiplied by its own norm, then summed; the same direction up to rounding)")
     add_model_options(parser, ("backend", "batch_size") + DEVICE + ARCHITECTURE)
     return parser
 
@@ -42,7 +46,7 @@ def main(argv=None):
     model = model_from_args(args, args.ckpt_url, kind="checkpoint")
     with ResultLog(args.log or os.path.join(folder, "eval.log"), model.description) as log:
         run_evaluation(model.embed, args.eval_url, targets, args.batch_size, args.nfolds, log,
-                       args.result_dir or folder)
+                       args.result_dir or folder, fusion=args.flip_fusion)
     return 0
 
 

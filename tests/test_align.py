@@ -5,6 +5,7 @@ so every face's true landmarks are known. Landmark errors are in percent of the 
 distance; a re-aligned face is compared with the fixture aligned by its own landmarks (pixel
 correlation)."""
 import os
+import re
 import struct
 
 import cv2
@@ -361,3 +362,61 @@ def test_the_door_runs_as_a_script(tree, tmp_path):
     done = subprocess.run([sys.executable, script, "--input", str(tmp_path / "o" / "faces.csv"), "--output",
                            str(tmp_path / "p")], capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and "not a JPEG/PNG/BMP image" in done.stderr
+
+
+def test_faces_cut_by_the_photo_border_pass_the_alignments_bounds(detector):
+    """The alignment refuses landmarks far outside the image (src.data.align); what the detector finds
+    on faces cut by the border stays within that bound (measured up to 0.41 eye distances outside)."""
+    from src.data.align import landmark_problem
+    rng = np.random.default_rng(17)
+    outside = 0
+    found = 0
+    for centre in ((20, 240), (40, 240), (620, 200), (600, 200), (320, 20), (320, 40), (300, 460), (300, 440)):
+        for scale in (1.2, 1.5):  # eyes 52 and 65 px apart, close to the border
+            photo, _ = make_photo(rng, [(scale, 0, centre)])
+            for face in detector.detect(photo):
+                found += 1
+                assert landmark_problem(face.landmarks, photo.shape) is None
+                outside += np.any((face.landmarks < 0) | (face.landmarks > [639, 479]))
+    # the bound was exercised: measured 15 faces found, 6 with landmarks outside the photo (up to 26 px)
+    assert found >= 12 and outside >= 4
+
+
+@pytest.mark.slow
+def test_a_training_set_from_folders_of_photos(tmp_path, capsys):
+    """The documented recipe: one folder of photos per person -> align.py --largest -> src.pack_rec ->
+    src.datainfo -> train.py. A person none of whose photos shows a face keeps an empty folder, which
+    datainfo reports."""
+    import train
+    from src import datainfo, pack_rec
+    rng = np.random.default_rng(41)
+    for person in ("alice", "bob"):  # bob: the face mirrored
+        for k in range(4):
+            photo, _ = make_photo(rng, [(rng.uniform(0.6, 1.2), rng.uniform(-20, 20), rng.uniform([220, 170],
+                                                                                               [420, 310]))])
+            write_image(tmp_path / "photos" / person / f"{k}.jpg", photo if person == "alice" else photo[:, ::-1])
+    for k in range(2):
+        write_image(tmp_path / "photos" / "carol" / f"{k}.jpg", np.clip(background(rng, 480, 640), 0, 255)
+                    .astype(np.uint8))
+    aligned, rec = tmp_path / "aligned", tmp_path / "rec"
+    code, stdout, stderr = run(["--input", tmp_path / "photos", "--output", aligned, "--largest"], capsys)
+    assert code == 0 and "10 photo(s), 8 face(s), 2 photo(s) without a face" in stdout
+    assert sorted(p.name for p in (aligned / "alice").iterdir()) == [f"{k}_0.png" for k in range(4)]
+    assert (aligned / "carol").is_dir() and not list((aligned / "carol").iterdir())
+
+    assert datainfo.describe(str(aligned), no_progress=True) == 1
+    report = capsys.readouterr().out
+    assert re.search(r"^identities\s+2 ", report, re.M) and re.search(r"^images\s+8$", report, re.M)
+    assert "problem: 1 identity folder(s) without images, not trained on" in report and "'carol'" in report
+
+    assert run_main(pack_rec.main, ["--input", str(aligned), "--output", str(rec)]) == 0
+    assert "packed 8 images of 2 identities" in capsys.readouterr().out
+    assert (rec / "classes.txt").read_text() == "alice\nbob\n"
+    assert datainfo.describe(str(rec), no_progress=True) == 0
+    assert re.search(r"^image size\s+112x112", capsys.readouterr().out, re.M)
+
+    out = tmp_path / "run"
+    assert run_main(train.main, ["--data_url", str(rec), "--train_url", str(out), "--max_steps", "2", "--network",
+                                 "r18", "--width", "8", "--batch_size", "4", "--num_workers", "1"]) == 0
+    assert "epoch: 1 step: 2," in (out / "train.log").read_text()
+    assert [p.name for p in out.glob("ArcFace-*.ckpt")] == ["ArcFace-1_2.ckpt"]

@@ -80,7 +80,12 @@ def test_folders_are_walked_in_sorted_order_and_rows_are_the_protocols_embedding
     extra = toy_faces / "z.png"  # a file given explicitly comes where it is given
     assert run_main(embed.main, ["--model", toy_onnx, "--images", str(toy_faces), str(extra),
                                  "--output", str(out), "--batch_size", "4"]) == 0
-    assert "wrote 7 embeddings of dimension 8" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "wrote 7 embeddings of dimension 8" in captured.out
+    # the one image that is not 112x112 is resized, with one warning pointing to the ways to align photos
+    (warning,) = captured.err.strip().splitlines()
+    assert warning.startswith(f"warning: 1 image(s) are not 112x112 aligned faces (e.g. {toy_faces / 'b/small.png'}: "
+                              f"100x100) and are resized") and "--detect" in warning and "--landmarks" in warning
     rows = out.with_suffix(".txt").read_text().splitlines()
     expected = ["a/b/c.png", "a/c.png", "a/x.png", "b/1.jpg", "b/small.png", "z.png"]
     assert rows == [str(toy_faces / name) for name in expected] + [str(extra)]
@@ -91,6 +96,11 @@ def test_folders_are_walked_in_sorted_order_and_rows_are_the_protocols_embedding
     images = np.stack([resize(image, (112, 112)) for image in
                        (cv2.cvtColor(cv2.imread(p), cv2.COLOR_BGR2RGB) for p in rows)])
     np.testing.assert_allclose(emb, flip_sum(OnnxEmbedder(toy_onnx), images), atol=1e-5)
+    # quality: the norm of the mean of the face's and its flip's unnormalised features
+    raw, raw_flip = embed_pairs(OnnxEmbedder(toy_onnx), images, BATCH, progress=False)
+    quality = np.load(tmp_path / "out" / "emb.quality.npy")
+    assert quality.dtype == np.float32 and quality.shape == (7,)
+    np.testing.assert_allclose(quality, np.linalg.norm((raw.astype(np.float64) + raw_flip) / 2, axis=1), rtol=1e-5)
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".tmp")]
 
 
@@ -123,7 +133,7 @@ def test_skip_bad_warns_per_file_and_leaves_them_out(toy_onnx, toy_faces, tmp_pa
     warnings = captured.err.strip().splitlines()
     assert len(warnings) == 2 and all(w.startswith("warning: skipping ") for w in warnings)
     assert "1.png: truncated PNG" in warnings[0] and "2.jpg: not a JPEG/PNG/BMP image" in warnings[1]
-    assert "(2 image(s) skipped)" in captured.out
+    assert "(2 face(s) left out)" in captured.out
     assert out.with_suffix(".txt").read_text().splitlines() == [str(folder / "0.png"), str(folder / "3.png")]
     alone = tmp_path / "alone.npy"
     assert run_main(embed.main, ["--model", toy_onnx, "--images", str(folder / "0.png"), str(folder / "3.png"),
@@ -176,12 +186,14 @@ def test_gallery_cache_reuses_unchanged_images(toy_onnx, tmp_path):
     assert names == ["ann", "bob", "cid"] and sum(embedded) == 2 * 12  # 9 images in batches of 4, with flips
     embedded.clear()
     names, again = faces.gallery_templates(model, gallery, 4, cache=cache, progress=False)
-    assert not embedded and np.array_equal(again, first)
+    # only one image is embedded again: the cache proves it holds this model's embeddings
+    assert sum(embedded) == 2 * 4 and np.allclose(again, first, atol=1e-6)
     write_png(tmp_path / "gallery" / "bob" / "1.png", rng.integers(0, 256, (112, 112, 3), np.uint8))
     os.utime(tmp_path / "gallery" / "bob" / "1.png", ns=(1, 1))  # a changed file, even within the mtime tick
+    embedded.clear()
     _, changed = faces.gallery_templates(model, gallery, 4, cache=cache, progress=False)
-    assert sum(embedded) == 2 * 4  # only that image (one padded batch, with flips)
-    assert np.array_equal(changed[[0, 2]], first[[0, 2]]) and not np.allclose(changed[1], first[1])
+    assert sum(embedded) == 2 * 4  # only that image and the proof (one padded batch, with flips)
+    assert np.allclose(changed[[0, 2]], first[[0, 2]], atol=1e-6) and not np.allclose(changed[1], first[1])
     embedded.clear()
     notes = []
     faces.gallery_templates(Model(counting, "another model"), gallery, 4, cache=cache, progress=False,
@@ -203,13 +215,19 @@ def test_the_backend_that_runs_a_model_kind_may_be_named(toy_onnx, toy_faces, tm
 def test_threshold_sources_are_printed_and_the_default_is_marked_uncalibrated(toy_onnx, toy_faces, capsys):
     a, b = str(toy_faces / "a" / "x.png"), str(toy_faces / "z.png")
     assert run_main(embed.main, ["--model", toy_onnx, "--compare", a, b]) == 0
-    line = capsys.readouterr().out.strip()
+    captured = capsys.readouterr()
+    line = captured.out.strip()
     match = re.fullmatch(r".* vs .*: cosine (-?\d\.\d{5}) -> (same|different) \(threshold 0\.30000, "
-                         r"uncalibrated default; calibrate with --calibration SET\.bin or set --threshold\)", line)
+                         r"uncalibrated default, not measured for this model; calibrate with --calibration SET\.bin "
+                         r"or set --threshold\)", line)
     assert match, line
+    (warning,) = captured.err.strip().splitlines()  # and said plainly, with how to calibrate
+    assert warning.startswith("warning: same/different at an uncalibrated threshold (0.3)")
+    assert "--calibration SET.bin" in warning and "threshold.json" in warning
     cosine = float(match.group(1))
     assert run_main(embed.main, ["--model", toy_onnx, "--compare", a, b, "--threshold", f"{cosine - 0.01}"]) == 0
-    assert "-> same (threshold" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "-> same (threshold" in captured.out and captured.err == ""
     assert run_main(embed.main, ["--model", toy_onnx, "--compare", a, b, "--threshold", f"{cosine + 0.01}"]) == 0
     assert "-> different (threshold" in capsys.readouterr().out
 
@@ -417,3 +435,206 @@ def test_landmarks_realign_a_warped_face(demo, reference, tmp_path, capsys):
     cosine = float(aligned[0] @ direct[0])
     unaligned = flip_sum(reference["embed"], cv2.resize(photo, (112, 112))[None])
     assert cosine > 0.99 and cosine > float(unaligned[0] @ direct[0]) + 0.05, cosine
+
+
+# --- photos: --detect, several faces per photo, align.py's faces.csv --------------------------------
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    """photos/one.png (one face), photos/two.jpg (two faces), photos/zz_none.jpg (no face): the test
+    fixture's real face pasted under known similarity transforms."""
+    from face_photos import background, make_photo
+    root = tmp_path_factory.mktemp("photos")
+    rng = np.random.default_rng(31)
+    for name, placements in (("one.png", [(0.9, 8, (300, 230))]),
+                             ("two.jpg", [(0.5, -20, (460, 180)), (1.0, 12, (210, 270))])):
+        write_png(root / "photos" / name, make_photo(rng, placements)[0])
+    write_png(root / "photos" / "zz_none.png", np.clip(background(rng, 300, 400), 0, 255).astype(np.uint8))
+    return root
+
+
+def test_detect_embeds_the_faces_align_py_writes_and_several_per_photo(toy_onnx, photos, tmp_path, capsys):
+    import align
+    folder = photos / "photos"
+    assert run_main(align.main, ["--input", str(folder), "--output", str(tmp_path / "aligned")]) == 0
+    capsys.readouterr()
+    out = tmp_path / "det.npy"
+    args = ["--model", toy_onnx, "--images", str(folder), "--detect", "--all_faces", "--output", str(out)]
+    assert run_main(embed.main, args) == 2  # a photo without a face stops the run ...
+    assert one_error_line(capsys) == (f"error: no face found in {folder / 'zz_none.png'} (--skip_bad leaves such "
+                                      f"photos out)")
+    assert run_main(embed.main, args + ["--skip_bad"]) == 0  # ... or is left out with a warning
+    captured = capsys.readouterr()
+    assert captured.err == f"warning: skipping no face found in {folder / 'zz_none.png'}\n"
+    names = out.with_suffix(".txt").read_text().splitlines()
+    assert names == [str(folder / "one.png"), f"{folder / 'two.jpg'}#0", f"{folder / 'two.jpg'}#1"]
+    # the faces align.py found and wrote, embedded as aligned crops: the same embeddings
+    crops = tmp_path / "crops.npy"
+    assert run_main(embed.main, ["--model", toy_onnx, "--images", str(tmp_path / "aligned" / "one_0.png"),
+                                 str(tmp_path / "aligned" / "two_0.png"), str(tmp_path / "aligned" / "two_1.png"),
+                                 "--output", str(crops)]) == 0
+    detected = np.load(out)
+    np.testing.assert_allclose(detected, np.load(crops), atol=2e-3)
+    # align.py's faces.csv lists two faces of two.jpg: each row is a face, named as --detect names them
+    from_csv = tmp_path / "csv.npy"
+    assert run_main(embed.main, ["--model", toy_onnx, "--landmarks", str(tmp_path / "aligned" / "faces.csv"),
+                                 "--output", str(from_csv)]) == 0
+    assert [os.path.normpath(n) for n in from_csv.with_suffix(".txt").read_text().splitlines()] == names
+    np.testing.assert_allclose(np.load(from_csv), detected, atol=2e-3)
+    # without --all_faces: the largest face of each photo, named by the photo
+    largest = tmp_path / "largest.npy"
+    assert run_main(embed.main, ["--model", toy_onnx, "--images", str(folder / "one.png"), str(folder / "two.jpg"),
+                                 "--detect", "--output", str(largest)]) == 0
+    assert largest.with_suffix(".txt").read_text().splitlines() == [str(folder / "one.png"), str(folder / "two.jpg")]
+    np.testing.assert_array_equal(np.load(largest), detected[:2])
+
+
+def test_compare_and_search_find_the_faces_of_photos(toy_onnx, photos, tmp_path, capsys):
+    folder = photos / "photos"
+    emb = tmp_path / "e.npy"
+    assert run_main(embed.main, ["--model", toy_onnx, "--images", str(folder / "one.png"), str(folder / "two.jpg"),
+                                 "--detect", "--output", str(emb)]) == 0
+    one, two = np.load(emb).astype(np.float64)
+    assert run_main(embed.main, ["--model", toy_onnx, "--compare", str(folder / "one.png"), str(folder / "two.jpg"),
+                                 "--detect", "--threshold", "0.5"]) == 0
+    cosine = float(re.search(r"cosine (-?\d\.\d{5})", capsys.readouterr().out).group(1))
+    assert cosine == pytest.approx(one @ two, abs=1e-5)
+    # a gallery of photos: the query photo is one of them, so its identity scores 1
+    gallery = tmp_path / "gallery"
+    for identity, name in (("ann", "one.png"), ("bob", "two.jpg")):
+        (gallery / identity).mkdir(parents=True)
+        (gallery / identity / name).write_bytes((folder / name).read_bytes())
+    assert run_main(embed.main, ["--model", toy_onnx, "--images", str(folder / "one.png"), "--search", str(gallery),
+                                 "--detect", "--threshold", "0.5"]) == 0
+    assert capsys.readouterr().out == f"{folder / 'one.png'}: ann 1.00000, bob {one @ two:.5f}\n"
+    assert run_main(embed.main, ["--model", toy_onnx, "--compare", str(folder / "one.png"), str(folder / "two.jpg"),
+                                 "--detect", "--all_faces"]) == 2
+    assert "--all_faces does not go with --compare" in one_error_line(capsys)
+    assert run_main(embed.main, ["--model", toy_onnx, "--images", str(folder), "--all_faces", "--output",
+                                 str(tmp_path / "x.npy")]) == 2
+    assert "--all_faces needs --detect" in one_error_line(capsys)
+
+
+def test_landmark_rows_listed_twice_with_the_same_points_are_refused(tmp_path):
+    write_png(tmp_path / "p.png", np.zeros((200, 200, 3), np.uint8))
+    row = "p.png," + ",".join(str(v) for v in (60, 70, 120, 70, 90, 100, 65, 130, 115, 130))
+    (tmp_path / "lm.csv").write_text(f"{row}\n{row}\n")
+    with pytest.raises(Exception, match=r"lm.csv line 2: p.png is listed twice with the same landmarks \(also "):
+        faces.read_landmarks(str(tmp_path / "lm.csv"))
+
+
+def test_search_says_no_match_below_the_threshold(toy_onnx, toy_faces, capsys):
+    gallery = toy_faces / "a"  # one identity: a/b, holding c.png
+    query = str(toy_faces / "a" / "b" / "c.png")
+    for threshold in ("0.999", "-1"):
+        assert run_main(embed.main, ["--model", toy_onnx, "--images", query, "--search", str(gallery),
+                                     "--threshold", threshold]) == 0
+        # the query is the identity's only face: cosine 1, above any threshold but 1 ...
+        assert capsys.readouterr().out == f"{query}: b 1.00000\n"
+    assert run_main(embed.main, ["--model", toy_onnx, "--images", str(toy_faces / "z.png"), "--search", str(gallery),
+                                 "--threshold", "0.999"]) == 0
+    line = capsys.readouterr().out  # ... another face is not that identity at 0.999
+    assert re.fullmatch(rf"{re.escape(str(toy_faces / 'z.png'))}: no match above 0\.99900: b -?\d\.\d{{5}}\n", line)
+
+
+def test_min_quality_leaves_out_the_faces_below_it(toy_onnx, toy_faces, tmp_path, capsys):
+    out = tmp_path / "all.npy"
+    assert run_main(embed.main, ["--model", toy_onnx, "--images", str(toy_faces / "a"), "--output", str(out)]) == 0
+    quality = np.load(tmp_path / "all.quality.npy")
+    names = out.with_suffix(".txt").read_text().splitlines()
+    cut = float(np.median(quality))
+    kept = tmp_path / "kept.npy"
+    capsys.readouterr()
+    assert run_main(embed.main, ["--model", toy_onnx, "--images", str(toy_faces / "a"), "--output", str(kept),
+                                 "--min_quality", f"{cut}"]) == 0
+    captured = capsys.readouterr()
+    assert kept.with_suffix(".txt").read_text().splitlines() == [n for n, q in zip(names, quality) if q >= cut]
+    np.testing.assert_array_equal(np.load(kept), np.load(out)[quality >= cut])
+    notes = captured.err.strip().splitlines()
+    assert len(notes) == int(np.sum(quality < cut)) >= 1
+    assert all(line.startswith("note: leaving out ") and f"is below --min_quality {cut:g}" in line for line in notes)
+    assert "(1 face(s) left out)" in captured.out
+    assert run_main(embed.main, ["--model", toy_onnx, "--images", str(toy_faces / "a"), "--output",
+                                 str(tmp_path / "none.npy"), "--min_quality", "1e9"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()  # a note per face, then the error
+    assert err[-1] == "error: none of the 3 face(s) reaches --min_quality 1e+09" and len(err) == 4
+
+
+# --- thresholds a training run recorded; embeddings that collapse -----------------------------------
+
+def compare_line(model, a, b, capsys, *extra):
+    assert run_main(embed.main, ["--model", str(model), "--compare", str(a), str(b), "--batch_size", str(BATCH)]
+                    + list(extra)) == 0
+    return capsys.readouterr()
+
+
+def test_the_threshold_a_run_recorded_is_used_for_its_models(trained_run, demo, tmp_path, capsys):
+    import shutil
+    record = json.loads((trained_run / "threshold.json").read_text())
+    a, b = demo["paths"][:2]
+    source = (f"recorded by the training run in {trained_run / 'threshold.json'}: calibrated on demo at step "
+              f"{record['step']}, Accuracy-Flip {record['accuracy']:.5f}; ")
+    other = "recorded for best.ckpt of this run; this checkpoint may differ slightly"
+    last = trained_run / "ArcFace-4_8.ckpt"  # the same bytes as best.ckpt when the last evaluation was the best
+    same = last.read_bytes() == (trained_run / "best.ckpt").read_bytes()
+    for model, options, which in (
+            (trained_run, ["--backend", "mindspore"], other),
+            (last, ["--backend", "mindspore"], "this checkpoint is best.ckpt" if same else other),
+            (trained_run / "best.ckpt", [], "this checkpoint is best.ckpt")):
+        captured = compare_line(model, a, b, capsys, *options)
+        assert f"(threshold {record['threshold']:.5f}, {source}{which}" in captured.out, captured.out
+        assert "uncalibrated" not in captured.err
+    # the verified ONNX export of best.ckpt (made by the last run) is known as best.ckpt's
+    (export,) = (trained_run / ".onnx-cache").glob("best.ckpt.*.onnx")
+    captured = compare_line(export, a, b, capsys)
+    assert f"{source}this model is the export of best.ckpt)" in captured.out
+    # a record that does not hold what it should, or does not describe the best.ckpt beside it, is not used
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    shutil.copy(trained_run / "best.ckpt", copy / "best.ckpt")
+    (copy / "threshold.json").write_text(json.dumps(dict(record, threshold=7.0)))
+    captured = compare_line(copy / "best.ckpt", a, b, capsys, "--backend", "mindspore")
+    assert "threshold 0.30000, uncalibrated default" in captured.out
+    assert f"warning: {copy / 'threshold.json'} does not hold a threshold (a cosine in [-1, 1])" in captured.err
+    (copy / "threshold.json").write_text(json.dumps(record))
+    other_bytes = next(p for p in sorted(trained_run.glob("ArcFace-*.ckpt"))
+                       if p.read_bytes() != (trained_run / "best.ckpt").read_bytes())
+    shutil.copy(other_bytes, copy / "best.ckpt")
+    captured = compare_line(copy / "best.ckpt", a, b, capsys, "--backend", "mindspore")
+    assert "threshold 0.30000, uncalibrated default" in captured.out
+    assert f"warning: {copy / 'threshold.json'} does not describe a best.ckpt beside it" in captured.err
+
+
+def test_collapsed_embeddings_are_measured_as_the_mean_cosine_between_different_people():
+    rows = l2_normalize(np.array([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0], [-0.6, 0.8]]))
+    # cosines: 0.6, 0, -0.6, 0.8, 0.28, 0.8 -> mean 1.88 / 6
+    assert faces.mean_pairwise_cosine(rows) == pytest.approx(1.88 / 6, abs=1e-12)
+    assert faces.collapse_problem(0.5, "x") is None
+    problem = faces.collapse_problem(0.62, "the 8 gallery identities")
+    assert "(the 8 gallery identities: mean cosine 0.620;" in problem and "--input_mean/--input_std" in problem
+
+
+def test_a_wrong_pixel_normalisation_is_warned_about(trained_run, demo, reference, tmp_path, capsys):
+    """Raw pixels (--input_mean 0 --input_std 1) instead of (x - 127.5) / 127.5: the embeddings of
+    different people collapse (measured on the tiny model: mean cosine 0.88-0.90 against 0.46-0.48)."""
+    from src.data.demo_data import random_identity, render
+    rng = np.random.default_rng(12)
+    for i in range(6):
+        identity = random_identity(rng)
+        for k in range(2):
+            write_png(tmp_path / "gallery" / f"p{i}" / f"{k}.png", render(identity, rng))
+    query = str(tmp_path / "gallery" / "p0" / "0.png")
+    for options in ([], ["--input_mean", "0", "--input_std", "1"]):
+        assert run_main(embed.main, ["--model", reference["onnx"], "--images", query, "--search",
+                                     str(tmp_path / "gallery"), "--threshold", "0.5"] + options) == 0
+        warned = re.search(r"warning: the embeddings of different people point nearly the same way \(the 6 gallery "
+                           r"identities: mean cosine (\d\.\d{3});", capsys.readouterr().err)
+        if options:
+            assert warned and float(warned.group(1)) > 0.7
+    # on a calibration set: its impostor pairs
+    a, b = demo["paths"][:2]
+    captured = compare_line(reference["onnx"], a, b, capsys, "--calibration", demo["bin"], "--input_mean", "0",
+                            "--input_std", "1")
+    warned = re.search(rf"the {int(np.sum(~demo['issame']))} impostor pairs of {re.escape(demo['bin'])}: mean "
+                       rf"cosine (\d\.\d{{3}})", captured.err)
+    assert warned and float(warned.group(1)) > 0.7

@@ -742,3 +742,247 @@ def test_recorded_config_is_a_valid_config_file(tmp_path):
     cfg, given = parse_train_args(["--config", str(tmp_path / "config.yaml")])
     assert cfg.network == "r50" and cfg.lr == 0.2 and "epochs" in given
     assert yaml.safe_load((tmp_path / "config.yaml").read_text())["schedule"] == [10, 16, 21]
+
+
+# --- embed.py: hostile faces, galleries, caches and landmarks -------------------------------------
+
+def toy_onnx(path, nan=False):
+    """A hand-made 8-d ONNX 'face model' (a random projection of the pixels); `nan`: its outputs pass
+    through Sqrt, which gives NaN for the negative ones."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    weight = np.random.default_rng(0).normal(0, 1, (3 * 112 * 112, 8)).astype(np.float32)
+    nodes = [helper.make_node("Flatten", ["data"], ["flat"]),
+             helper.make_node("MatMul", ["flat", "w"], ["projected" if nan else "embedding"])]
+    if nan:
+        nodes.append(helper.make_node("Sqrt", ["projected"], ["embedding"]))
+    graph = helper.make_graph(nodes, "toy",
+                              [helper.make_tensor_value_info("data", TensorProto.FLOAT, ["b", 3, 112, 112])],
+                              [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["b", 8])],
+                              [numpy_helper.from_array(weight, "w")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    return str(path)
+
+
+def write_face(path, seed, size=112):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    assert cv2.imwrite(str(path), np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8))
+    return path
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A toy model, a gallery of three identities (two faces each) and three query faces."""
+    root = tmp_path_factory.mktemp("embed_world")
+    for i, identity in enumerate(("alice", "bob", "carol")):
+        for k in range(2):
+            write_face(root / "gallery" / identity / f"{k}.png", 10 * i + k)
+    for k in range(3):
+        write_face(root / "queries" / f"q{k}.png", 100 + k)
+    return {"root": root, "model": toy_onnx(root / "toy.onnx"), "gallery": root / "gallery",
+            "queries": root / "queries"}
+
+
+def snapshot(*folders):
+    """{path: bytes} of every regular file under the folders (links not followed)."""
+    files = {}
+    for folder in folders:
+        for path in sorted(Path(folder).rglob("*")):
+            if path.is_file() and not path.is_symlink():
+                files[path] = path.read_bytes()
+    return files
+
+
+def run_embed(args, capsys):
+    import embed
+    code = run_main(embed.main, [str(a) for a in args])
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err
+    return code, out, err
+
+
+def error_line(err):
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def search_args(world, cache=None, gallery=None):
+    args = ["--model", world["model"], "--images", world["queries"], "--search", gallery or world["gallery"],
+            "--threshold", "0.2"]
+    return args + (["--gallery_cache", cache] if cache else [])
+
+
+def hostile_cache_paths(world, folder):
+    """(case, a --gallery_cache path that must be refused, what the one error line says)."""
+    yield "gallery image", world["gallery"] / "alice" / "0.png", "--gallery_cache must name a .npz file"
+    yield ".npy", folder / "cache.npy", "--gallery_cache must name a .npz file"
+    yield "inside the gallery", world["gallery"] / "bob" / "cache.npz", "lies inside"
+    yield "inside the queries", world["queries"] / "cache.npz", "lies inside"
+    notes = folder / "notes.npz"
+    notes.write_text("my notes, not a cache\n")
+    yield "text file", notes, "is not a gallery cache (a .npz written by embed.py --search); pass --overwrite"
+    arrays = folder / "arrays.npz"
+    np.savez(arrays, weights=np.arange(5))
+    yield "other arrays", arrays, "exists and is not a gallery cache"
+    fifo = folder / "fifo.npz"
+    os.mkfifo(fifo)
+    yield "FIFO", fifo, "exists and is not a regular file"
+
+
+def test_a_gallery_cache_path_that_is_not_a_cache_is_refused_and_left_alone(world, tmp_path, capsys):
+    for case, path, expected in hostile_cache_paths(world, tmp_path):
+        before, existed = snapshot(world["root"], tmp_path), os.path.lexists(path)
+        code, out, err = run_embed(search_args(world, path), capsys)
+        assert code == 2 and out == "" and expected in error_line(err), (case, err)
+        assert snapshot(world["root"], tmp_path) == before and os.path.lexists(path) == existed, case
+    # --overwrite replaces a file that is not a cache (and only then)
+    notes = tmp_path / "notes.npz"
+    code, out, _ = run_embed(search_args(world, notes) + ["--overwrite"], capsys)
+    assert code == 0 and len(out.splitlines()) == 3
+    from src.evaluation.faces import is_gallery_cache
+    assert is_gallery_cache(str(notes))
+
+
+def damaged_caches():
+    """(case, how a good cache's arrays are damaged, what the warning says)."""
+    def nan_row(a):
+        a["embeddings"][1] = np.nan
+    yield "NaN row", nan_row, "holds NaN/Inf values"
+
+    def other_size(a):
+        a["embeddings"] = (a["embeddings"][:, :3] / np.linalg.norm(a["embeddings"][:, :3], axis=1,
+                                                                    keepdims=True)).astype(np.float32)
+    yield "embeddings of another size", other_size, "does not hold this model's embeddings"
+
+    def shuffled(a):
+        a["embeddings"] = a["embeddings"][::-1].copy()
+    yield "other unit vectors", shuffled, "does not hold this model's embeddings"
+
+    def float64(a):
+        a["embeddings"] = a["embeddings"].astype(np.float64)
+    yield "float64 embeddings", float64, "expected (6, D) float32"
+
+    def stamps(a):
+        a["stamps"] = a["stamps"][:, 0]
+    yield "1-d stamps", stamps, "holds stamps of shape (6,) int64 for 6 files"
+
+    def rows(a):
+        a["embeddings"] = a["embeddings"][:4]
+    yield "missing rows", rows, "holds embeddings of shape (4, 8)"
+
+    def scaled(a):
+        a["embeddings"] = a["embeddings"] * 3
+    yield "not unit vectors", scaled, "not unit vectors"
+
+    def twice(a):
+        a["files"][1] = a["files"][0]
+    yield "a file listed twice", twice, "lists a file twice"
+
+    def older(a):
+        del a["quality"]
+    yield "an older cache", older, "has no quality"
+
+
+def test_a_damaged_gallery_cache_is_rebuilt_with_a_warning(world, tmp_path, capsys):
+    cache = tmp_path / "gallery.npz"
+    code, clean, err = run_embed(search_args(world, cache), capsys)
+    assert code == 0 and err == "" and len(clean.splitlines()) == 3
+    with np.load(cache) as data:
+        good = {name: data[name] for name in data.files}
+    for case, damage, expected in damaged_caches():
+        arrays = {name: value.copy() for name, value in good.items()}
+        damage(arrays)
+        np.savez(cache, **arrays)
+        code, out, err = run_embed(search_args(world, cache), capsys)
+        assert code == 0 and expected in err and "re-embedding" in err, (case, err)
+        assert out == clean and "nan" not in out, case  # the same ranking as without a cache, never `alice nan`
+        with np.load(cache) as data:
+            assert {name: data[name].tolist() for name in data.files} == {n: v.tolist() for n, v in good.items()}, case
+
+
+def test_a_fifo_among_the_images_is_not_read(world, tmp_path):
+    """A FIFO named like an image would block a plain read forever: a folder walk keeps regular files
+    only, and a FIFO named on the command line is refused (run in a process that cannot hang the test)."""
+    folder = tmp_path / "faces"
+    for name in ("a.png", "c.png"):
+        write_face(folder / name, len(name))
+    os.mkfifo(folder / "b.png")
+    out = tmp_path / "emb.npy"
+    command = [sys.executable, str(ROOT / "embed.py"), "--model", world["model"], "--output", str(out), "--images"]
+    done = subprocess.run(command + [str(folder)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert out.with_suffix(".txt").read_text().splitlines() == [str(folder / "a.png"), str(folder / "c.png")]
+    done = subprocess.run(command + [str(folder / "b.png")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and done.stderr == f"error: {folder / 'b.png'} is a FIFO, not an image file\n"
+
+
+def test_a_symlink_loop_in_a_gallery_is_an_unreadable_image(world, tmp_path, capsys):
+    gallery = tmp_path / "gallery"
+    shutil.copytree(world["gallery"], gallery)
+    os.symlink("loop.png", gallery / "bob" / "loop.png")   # an image that points at itself
+    os.symlink("dave", gallery / "dave")                    # an identity folder that does
+    before = snapshot(gallery)
+    code, out, err = run_embed(search_args(world, gallery=gallery), capsys)
+    assert code == 2 and out == ""
+    assert error_line(err) == (f"error: cannot read {gallery / 'bob' / 'loop.png'}: Too many levels of symbolic links "
+                               f"(--skip_bad leaves such images out)")
+    code, out, err = run_embed(search_args(world, gallery=gallery) + ["--skip_bad"], capsys)
+    assert code == 0 and len(out.splitlines()) == 3
+    assert f"warning: skipping cannot read {gallery / 'bob' / 'loop.png'}" in err
+    assert snapshot(gallery) == before
+
+
+def test_a_line_break_in_a_file_name_is_refused_or_skipped(world, tmp_path, capsys):
+    folder = tmp_path / "faces"
+    write_face(folder / "a.png", 1)
+    write_face(folder / "evil\nname.png", 2)
+    write_face(folder / "z.png", 3)
+    out = tmp_path / "emb.npy"
+    args = ["--model", world["model"], "--images", folder, "--output", out]
+    code, stdout, err = run_embed(args, capsys)
+    assert code == 2 and stdout == "" and err.count("\n") == 1
+    assert err.startswith(f"error: {folder}/evil\\nname.png: a file name with a line break") and "--skip_bad" in err
+    assert not list(tmp_path.glob("emb*"))
+    code, stdout, err = run_embed(args + ["--skip_bad"], capsys)
+    assert code == 0 and err.count("\n") == 1 and err.startswith("warning: skipping ")
+    rows = out.with_suffix(".txt").read_text().splitlines()
+    assert rows == [str(folder / "a.png"), str(folder / "z.png")] and np.load(out).shape == (2, 8)
+
+
+def impossible_landmarks():
+    """(case, five landmarks in a 240x200 photo that cannot be a face there, what the error says)."""
+    from src.data.align import ARCFACE_TEMPLATE
+    face = ARCFACE_TEMPLATE * 1.5 + (30, 10)
+    yield "far outside", face + (400, 0), "outside the 240x200 image, more than the face's eye distance"
+    yield "huge", face * 1000, "larger than any image"
+    yield "tiny", face.mean(axis=0) + (ARCFACE_TEMPLATE - ARCFACE_TEMPLATE.mean(axis=0)) * 0.02, "far smaller than any"
+    yield "collinear", np.stack([np.linspace(60, 180, 5), np.linspace(90, 100, 5)], axis=1), "nearly on one line"
+
+
+def test_landmarks_that_cannot_be_a_face_are_refused_or_skipped(world, tmp_path, capsys):
+    photo = write_face(tmp_path / "photo.png", 5, size=1)
+    assert cv2.imwrite(str(photo), np.full((200, 240, 3), 128, np.uint8))
+    from src.data.align import ARCFACE_TEMPLATE
+    good = ",".join(f"{v:.3f}" for v in (ARCFACE_TEMPLATE * 1.5 + (30, 10)).ravel())
+    for case, points, expected in impossible_landmarks():
+        csv_file = tmp_path / "lm.csv"
+        csv_file.write_text(f"photo.png,{good}\nphoto.png," + ",".join(f"{v:.3f}" for v in points.ravel()) + "\n")
+        out = tmp_path / f"{case}.npy"
+        args = ["--model", world["model"], "--landmarks", csv_file, "--output", out]
+        code, stdout, err = run_embed(args, capsys)
+        line = error_line(err)
+        assert code == 2 and expected in line and f"({csv_file} line 2)" in line and "--skip_bad" in line, (case, line)
+        assert not out.exists()
+        code, stdout, err = run_embed(args + ["--skip_bad"], capsys)
+        assert code == 0 and expected in err and err.startswith(f"warning: skipping {photo}#1: "), (case, err)
+        assert out.with_suffix(".txt").read_text() == f"{photo}#0\n"
+
+
+def test_a_model_giving_nan_embeddings_is_one_line_naming_the_face(world, tmp_path, capsys):
+    model = toy_onnx(tmp_path / "nan.onnx", nan=True)
+    code, out, err = run_embed(["--model", model, "--images", world["queries"], "--output", tmp_path / "e.npy"],
+                               capsys)
+    assert code == 2 and not list(tmp_path.glob("e*"))
+    assert error_line(err) == (f"error: {world['queries'] / 'q0.png'}: the model's embedding of it is not finite "
+                               f"(NaN/Inf) (--skip_bad leaves such images out)")

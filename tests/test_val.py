@@ -73,6 +73,41 @@ def test_the_training_curve_has_two_axes_in_two_colours_and_its_legend_outside(t
     assert [t.get_text() for t in fig.legends[0].get_texts()] == ["training loss", "demo Accuracy-Flip"]
 
 
+def test_training_records_the_calibrated_threshold_beside_best_ckpt(trained_run, tiny_data):
+    """threshold.json: the protocol's threshold (mean of the folds' best squared distances, as a cosine)
+    of best.ckpt's weights on the first verification set, its accuracy and step, tied to best.ckpt's bytes."""
+    import hashlib
+
+    from src.data.bins import load_bin
+    from src.evaluation.embedders import open_model
+    from src.evaluation.verification import embed_pairs, evaluate
+    record = json.loads((trained_run / "threshold.json").read_text())
+    best = trained_run / "best.ckpt"
+    assert record["checkpoint"] == "best.ckpt" and record["set"] == "demo"
+    assert record["sha256"] == hashlib.sha256(best.read_bytes()).hexdigest()
+    rows = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
+    evals = [(r["eval"]["demo"], -r["step"]) for r in rows if "eval" in r]
+    assert record["step"] == -max(evals)[1]  # the first evaluation with the best accuracy
+    images, issame = load_bin(str(tiny_data[1]))
+    emb, emb_flip = embed_pairs(open_model(str(best)).embed, images, 16, progress=False)
+    result = evaluate(emb, issame, emb_flip)
+    assert record["threshold"] == pytest.approx(1 - float(np.mean(result.best_thresholds)) / 2, abs=1e-12)
+    assert record["accuracy"] == pytest.approx(result.acc_flip, abs=1e-12)
+    assert record["sets"]["demo"]["threshold"] == record["threshold"] and -1 < record["threshold"] < 1
+
+
+def test_norm_flip_fusion_gives_the_sums_lines(trained_run, tiny_data, tmp_path, capsys):
+    """AdaFace's fusion (each feature normalised, times its own norm, summed) is the sum's direction:
+    val.py --flip_fusion norm prints the same lines as the default."""
+    lines = {}
+    for fusion in ("sum", "norm"):
+        args = ["--eval_url", str(tiny_data[1].parent), "--target", "demo", "--ckpt_url", str(trained_run),
+                "--log", str(tmp_path / "eval.log"), "--flip_fusion", fusion]
+        assert run_main(val.main, args) == 0
+        lines[fusion] = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[demo]")]
+    assert lines["sum"] == lines["norm"] and len(lines["sum"]) == 4
+
+
 def same_lines(ours, theirs):
     """The protocol's lines of two backends: accuracies and VAL identical to 5 decimals; XNorm, a mean
     norm of about 90 printed to 7 significant digits, to 1e-6 relative (float32 sums in another order)."""

@@ -393,3 +393,32 @@ def test_verify_bins(tmp_path):
     with pytest.raises(ArcFaceError, match="not enough"):
         verify_bins(embed_fn, str(tmp_path), ["lfw"], 8, 30, (16, 16), log=lines.append,
                     progress=False)
+
+
+def test_flip_fusions_are_the_references_formulas():
+    """sum: the two unnormalised features added; norm: AdaFace's fuse_features_with_norm
+    ('pre_norm_vector_add'): each feature normalised, multiplied by its own norm, the two summed, the
+    sum normalised and returned with its norm. Both written out in numpy here."""
+    from src.evaluation.verification import fuse_flips
+    emb = np.array([[3.0, 4.0, 0.0], [1.0, -2.0, 2.0], [0.5, 0.0, 0.0]])
+    flip = np.array([[0.0, 0.0, 5.0], [2.0, 2.0, 1.0], [0.0, -0.25, 0.0]])
+    norms = np.linalg.norm(emb, axis=1, keepdims=True), np.linalg.norm(flip, axis=1, keepdims=True)
+    adaface = (emb / norms[0]) * norms[0] + (flip / norms[1]) * norms[1]
+    for fusion, fused in (("sum", emb + flip), ("norm", adaface)):
+        unit, norm = fuse_flips(emb, flip, fusion)
+        np.testing.assert_allclose(norm, np.linalg.norm(fused, axis=1), rtol=1e-15)
+        np.testing.assert_allclose(unit, fused / np.linalg.norm(fused, axis=1, keepdims=True), rtol=1e-15)
+    # the exact numbers: (3, 4, 5) / sqrt(50), (3, 0, 3) / sqrt(18), (0.5, -0.25, 0) / sqrt(0.3125)
+    unit, norm = fuse_flips(emb, flip, "norm")
+    np.testing.assert_allclose(norm, [50 ** 0.5, 18 ** 0.5, 0.3125 ** 0.5], rtol=1e-15)
+    np.testing.assert_allclose(unit[1], [2 ** -0.5, 0.0, 2 ** -0.5], rtol=1e-15, atol=1e-16)
+    with pytest.raises(ArcFaceError, match="unknown flip fusion 'max'"):
+        fuse_flips(emb, flip, "max")
+
+
+def test_evaluate_with_either_fusion_gives_the_same_result():
+    rng = np.random.default_rng(3)
+    emb, flip = rng.normal(size=(40, 8)), rng.normal(size=(40, 8))
+    issame = np.arange(20) % 2 == 0
+    plain, adaface = (evaluate(emb, issame, flip, fusion=f) for f in ("sum", "norm"))
+    assert plain.acc_flip == adaface.acc_flip and np.array_equal(plain.best_thresholds, adaface.best_thresholds)

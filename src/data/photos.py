@@ -14,6 +14,10 @@ unless given as an absolute path, which is how embed.py --landmarks resolves ima
 the detector's face probability; the five landmarks in the photo's pixels as displayed, left eye,
 right eye, nose, left and right mouth corner), and one row with an empty face and score for every
 photo in which no face was found. Unreadable files get no row.
+
+The output folder of every photo is made even when the photo gives no face: a person's folder whose
+photos all failed stays as an empty folder, which `python -m src.datainfo` reports as an identity
+without images (and src.pack_rec skips with a warning), instead of vanishing from the training set.
 """
 from __future__ import annotations
 
@@ -170,6 +174,7 @@ def write_csv(path, rows):
 def align_photo(photo, detector, output_dir, largest=False, min_size=0.0, overwrite=False, written=None):
     """Read, detect, align and write the faces of one photo (called from worker threads); the paths
     written are appended to `written`."""
+    os.makedirs(os.path.dirname(os.path.join(output_dir, photo.stem)) or output_dir, exist_ok=True)
     image, problem = read_photo(photo.path)
     if image is None:
         return Result(photo, problem=problem)
@@ -183,7 +188,11 @@ def align_photo(photo, detector, output_dir, largest=False, min_size=0.0, overwr
         path = os.path.join(output_dir, name)
         if os.path.exists(path) and not overwrite:
             raise ArcFaceError(f"{path} exists; pass --overwrite to replace it")
-        ok, png = cv2.imencode(".png", align_face(bgr, face.landmarks)[:, :, ::-1])
+        try:
+            crop = align_face(bgr, face.landmarks)
+        except ArcFaceError as exc:  # the detector's landmarks lie within the alignment's bounds (measured)
+            raise ArcFaceError(f"{photo.path}: face {k}: {exc}") from None
+        ok, png = cv2.imencode(".png", crop[:, :, ::-1])
         if not ok:  # pragma: no cover - OpenCV encodes any 112x112 uint8 image
             raise ArcFaceError(f"cannot encode {path}")
         atomic_write(path, png.tobytes(), sync=False)

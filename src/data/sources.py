@@ -39,6 +39,15 @@ def numeric_order(names):
     return sorted(names)
 
 
+def _entry_is(entry, kind, unknown=False):
+    """Whether a directory entry is a folder / regular file (links followed); `unknown` when that cannot
+    be told (a symbolic link loop): an image name kept that way is reported when it is read."""
+    try:
+        return entry.is_dir() if kind == "dir" else entry.is_file()
+    except OSError:
+        return unknown
+
+
 class ImageFolderSource(Source):
     """One sub-folder per identity. Folder names that are all integers are ordered numerically
     (so '10' follows '9'), others lexicographically; the label is the position in that order
@@ -51,7 +60,7 @@ class ImageFolderSource(Source):
     def __init__(self, root):
         self.path = self.root = root
         try:
-            names = [d.name for d in os.scandir(root) if d.is_dir() and not d.name.startswith(".")]
+            names = [d.name for d in os.scandir(root) if _entry_is(d, "dir") and not d.name.startswith(".")]
         except OSError as exc:
             raise ArcFaceError(f"cannot list image folder {root}: {exc.strerror}") from None
         self.classes, self.empty_classes, self.skipped_files = [], [], []
@@ -66,7 +75,7 @@ class ImageFolderSource(Source):
             for entry in entries:
                 if entry.name.startswith("."):
                     continue
-                if entry.name.lower().endswith(IMAGE_EXTENSIONS) and entry.is_file():
+                if entry.name.lower().endswith(IMAGE_EXTENSIONS) and _entry_is(entry, "file", unknown=True):
                     images.append(entry.path)
                 else:
                     self.skipped_files.append(entry.path)
@@ -103,7 +112,10 @@ class ImageFolderSource(Source):
     def byte_sizes(self, enough):
         total = largest = 0
         for path in self.files:
-            size = os.path.getsize(path)
+            try:
+                size = os.path.getsize(path)
+            except OSError:  # unreadable (a link loop): reported when it is read
+                continue
             total, largest = total + size, max(largest, size)
             if total >= enough:
                 break
@@ -112,7 +124,8 @@ class ImageFolderSource(Source):
     def check(self, report, progress=False):
         report.line("kind", "imagefolder (one sub-folder per identity)")
         if self.empty_classes:
-            report.problem(f"{len(self.empty_classes)} class folder(s) without images (skipped, no label): "
+            report.problem(f"{len(self.empty_classes)} identity folder(s) without images, not trained on (they get "
+                           f"no label; e.g. align.py found no face in their photos): "
                            + ", ".join(map(repr, self.empty_classes[:20])))
         if self.skipped_files:
             report.line("other files", f"{len(self.skipped_files)} non-image files ignored, "

@@ -63,9 +63,10 @@ def check_eval_folder(eval_url):
 
 
 def run_evaluation(embed_fn, eval_url, targets, batch_size, nfolds=10, log=print, result_dir="ijb_results",
-                   progress=None):
+                   progress=None, fusion="sum"):
     """Evaluate every target; returns {target: VerificationResult or {far: tar}}. A missing
-    verification set is reported and skipped; finding none at all is an error."""
+    verification set is reported and skipped; finding none at all is an error. `fusion` combines
+    the features of each image and its flip (src.evaluation.verification.FLIP_FUSIONS)."""
     if batch_size < 1:
         raise ArcFaceError(f"--batch_size must be positive, got {batch_size}")
     check_eval_folder(eval_url)
@@ -73,10 +74,11 @@ def run_evaluation(embed_fn, eval_url, targets, batch_size, nfolds=10, log=print
     results = {}
     bins = [t for t in targets if t.upper() not in IJB_TARGETS]
     if bins:
-        results.update(verify_bins(embed_fn, eval_url, bins, batch_size, nfolds, log=log, progress=progress))
+        results.update(verify_bins(embed_fn, eval_url, bins, batch_size, nfolds, log=log, progress=progress,
+                                   fusion=fusion))
     for target in (t for t in targets if t.upper() in IJB_TARGETS):
         results[target] = evaluate_ijb(embed_fn, eval_url, target, batch_size, result_dir, log=log,
-                                       progress=progress)
+                                       progress=progress, fusion=fusion)
     if not results:
         raise ArcFaceError(f"none of the sets {', '.join(targets)} was found in {eval_url}")
     return results

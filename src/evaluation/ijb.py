@@ -37,7 +37,7 @@ import numpy as np
 from src.data.align import align_face
 from src.data.images import decode_image
 from src.errors import ArcFaceError
-from src.evaluation.verification import embed_pairs
+from src.evaluation.verification import embed_pairs, fuse_flips
 from src.files import atomic_write
 
 __all__ = [
@@ -314,11 +314,12 @@ def _iter_face_chunks(root, meta, chunk_size, workers):
 
 
 def embed_ijb_faces(embed_fn, ijb_dir, meta, batch_size, progress=True, chunk_size=CHUNK_FACES,
-                    workers=2):
+                    workers=2, fusion="sum"):
     """Stream faces through ``embed_fn`` chunk by chunk.
 
     Returns:
-        ``(N, D)`` float32 features ``(emb + emb_flip) * faceness``.
+        ``(N, D)`` float32 features ``(emb + emb_flip) * faceness`` (the flip fusion ``fusion`` with
+        its norm kept: see src.evaluation.verification.fuse_flips).
     """
     from tqdm import tqdm
 
@@ -331,7 +332,11 @@ def embed_ijb_faces(embed_fn, ijb_dir, meta, batch_size, progress=True, chunk_si
             stop = start + len(chunk)
             if features is None:
                 features = np.empty((n, emb.shape[1]), dtype=np.float32)
-            np.add(emb, emb_flip, out=features[start:stop])
+            if fusion == "sum":
+                np.add(emb, emb_flip, out=features[start:stop])
+            else:
+                unit, norm = fuse_flips(emb, emb_flip, fusion)
+                features[start:stop] = unit * norm[:, None]
             features[start:stop] *= meta.faceness[start:stop, None]
             bar.update(len(chunk))
     if features is None:
@@ -541,10 +546,10 @@ def evaluate_ijb_features(features, meta, target, result_dir, job=None, log=prin
 
 
 def evaluate_ijb(embed_fn, ijb_dir, target, batch_size, result_dir, job=None, log=print,
-                 progress=True):
+                 progress=True, fusion="sum"):
     """The whole IJB-B/IJB-C 1:1 verification: meta, streaming embedding, scoring, report."""
     meta = load_meta(ijb_dir, target)
     log(f"[{meta.target}] {meta.num_faces} faces, {len(np.unique(meta.template_ids))} templates, "
         f"{meta.num_pairs} pairs")
-    features = embed_ijb_faces(embed_fn, ijb_dir, meta, batch_size, progress=progress)
+    features = embed_ijb_faces(embed_fn, ijb_dir, meta, batch_size, progress=progress, fusion=fusion)
     return evaluate_ijb_features(features, meta, meta.target, result_dir, job=job, log=log)

@@ -9,9 +9,14 @@ deviation.  VAL@FAR=1e-3 chooses, per fold, the threshold at which the false-acc
 training folds equals 1e-3 (by linear interpolation) and reports the true-accept rate (VAL) and
 false-accept rate on the test fold.
 
-"Accuracy" uses the embeddings of the images; "Accuracy-Flip" uses the normalised sum of the
-embeddings of each image and of its horizontal flip.  VAL and the per-fold best thresholds are
-computed on the flip-combined embeddings when flips are given, otherwise on the plain ones.
+"Accuracy" uses the embeddings of the images; "Accuracy-Flip" uses the fusion of the embeddings of
+each image and of its horizontal flip (``fuse_flips``): by default their normalised sum, as both
+references do.  VAL and the per-fold best thresholds are computed on the flip-combined embeddings
+when flips are given, otherwise on the plain ones.
+
+The protocol's threshold, as a cosine, is the calibrated threshold of a model
+(``calibrated_cosine``); a training run records it next to its best checkpoint
+(``write_threshold_record``: threshold.json), and embed.py uses it for that run's models.
 
 The module is independent of the inference engine: ``embed_pairs`` and ``verify_bins`` take an
 ``embed_fn(batch_float32_nchw) -> (B, D) array`` so a MindSpore network, an ONNX session or a
@@ -20,6 +25,9 @@ lookup of precomputed features all go through the same code.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import math
 import os
 from dataclasses import dataclass
 
@@ -28,6 +36,7 @@ from sklearn.model_selection import KFold
 
 from src.data.bins import load_bin
 from src.errors import ArcFaceError
+from src.files import atomic_write
 
 __all__ = [
     "ACC_THRESHOLDS",
@@ -35,6 +44,13 @@ __all__ = [
     "FAR_TARGET",
     "VerificationResult",
     "l2_normalize",
+    "FLIP_FUSIONS",
+    "fuse_flips",
+    "calibrated_cosine",
+    "THRESHOLD_FILE",
+    "file_sha256",
+    "write_threshold_record",
+    "read_threshold_record",
     "pair_distances",
     "accuracy_folds",
     "val_far_folds",
@@ -77,6 +93,36 @@ def l2_normalize(x):
     norms = np.linalg.norm(x, axis=1, keepdims=True)
     norms[norms == 0] = 1.0
     return x / norms
+
+
+def _fuse_sum(emb, emb_flip):
+    """The references' flip fusion: the sum of the two unnormalised features."""
+    return emb + emb_flip
+
+
+def _fuse_norm(emb, emb_flip):
+    """AdaFace's (`fuse_features_with_norm`, its default 'pre_norm_vector_add'): each feature
+    normalised, multiplied by its own norm, the two summed. Each feature times its norm is the
+    feature itself, so this is the sum's direction up to rounding; AdaFace writes it this way because
+    its network returns unit features and their norms."""
+    total = np.zeros_like(emb)
+    for feature in (emb, emb_flip):
+        norm = np.linalg.norm(feature, axis=1, keepdims=True)
+        total += l2_normalize(feature) * norm
+    return total
+
+
+# How the features of an image and of its horizontal flip are combined (val.py --flip_fusion).
+FLIP_FUSIONS = {"sum": _fuse_sum, "norm": _fuse_norm}
+
+
+def fuse_flips(emb, emb_flip, fusion="sum"):
+    """(unit fused features (N, D), their norms before normalising (N,)), in float64: the flip
+    fusion `fusion` (FLIP_FUSIONS) of the unnormalised features of images and of their flips."""
+    if fusion not in FLIP_FUSIONS:
+        raise ArcFaceError(f"unknown flip fusion {fusion!r} (one of: {', '.join(FLIP_FUSIONS)})")
+    fused = FLIP_FUSIONS[fusion](np.asarray(emb, dtype=np.float64), np.asarray(emb_flip, dtype=np.float64))
+    return l2_normalize(fused), np.linalg.norm(fused, axis=1)
 
 
 def pair_distances(unit_embeddings):
@@ -191,7 +237,7 @@ def _check_embeddings(name, emb, n_images):
     return emb
 
 
-def evaluate(embeddings, issame, embeddings_flip=None, nfolds=10):
+def evaluate(embeddings, issame, embeddings_flip=None, nfolds=10, fusion="sum"):
     """Run the verification protocol.
 
     Args:
@@ -199,6 +245,7 @@ def evaluate(embeddings, issame, embeddings_flip=None, nfolds=10):
         issame: ``(N,)`` booleans.
         embeddings_flip: optional ``(2N, D)`` embeddings of the horizontally flipped images.
         nfolds: number of folds.
+        fusion: how an image's and its flip's features are combined (FLIP_FUSIONS).
 
     Returns:
         A :class:`VerificationResult`.
@@ -226,7 +273,7 @@ def evaluate(embeddings, issame, embeddings_flip=None, nfolds=10):
     acc_flip = acc_flip_std = None
     final_dist = None
     if len(raw) == 2:
-        final_dist = pair_distances(l2_normalize(raw[0] + raw[1]))
+        final_dist = pair_distances(fuse_flips(raw[0], raw[1], fusion)[0])
         accs_flip, best = accuracy_folds(final_dist, issame, nfolds)
         acc_flip, acc_flip_std = float(np.mean(accs_flip)), float(np.std(accs_flip))
     else:
@@ -339,14 +386,14 @@ def load_sets(eval_dir, targets, image_size=(112, 112), log=print, progress=True
     return sets
 
 
-def verify_sets(embed_fn, sets, batch_size, nfolds=10, log=print, progress=True):
+def verify_sets(embed_fn, sets, batch_size, nfolds=10, log=print, progress=True, fusion="sum"):
     """Run the protocol on loaded sets and log the report lines; returns ``{target: result}``."""
     results = {}
     for target, (images, issame) in sets.items():
         if len(issame) < nfolds:
             raise ArcFaceError(f"{target}: {len(issame)} pairs are not enough for {nfolds}-fold verification")
         emb, emb_flip = embed_pairs(embed_fn, images, batch_size, progress=progress)
-        result = evaluate(emb, issame, emb_flip, nfolds=nfolds)
+        result = evaluate(emb, issame, emb_flip, nfolds=nfolds, fusion=fusion)
         for line in format_lines(target, result):
             log(line)
         results[target] = result
@@ -354,10 +401,87 @@ def verify_sets(embed_fn, sets, batch_size, nfolds=10, log=print, progress=True)
 
 
 def verify_bins(embed_fn, eval_dir, targets, batch_size, nfolds=10, image_size=(112, 112), log=print,
-                progress=True):
+                progress=True, fusion="sum"):
     """Evaluate ``<eval_dir>/<target>.bin`` for each target, one set in memory at a time."""
     results = {}
     for target in targets:
         sets = load_sets(eval_dir, [target], image_size, log, progress)
-        results.update(verify_sets(embed_fn, sets, batch_size, nfolds, log, progress))
+        results.update(verify_sets(embed_fn, sets, batch_size, nfolds, log, progress, fusion))
     return results
+
+
+# --- the calibrated threshold of a model, and its record next to a training run ---------------------
+
+THRESHOLD_FILE = "threshold.json"
+
+
+def calibrated_cosine(result):
+    """(cosine, squared distance): the protocol's threshold on a set, the mean of the folds'
+    accuracy-maximising squared distances d between unit embeddings, as a cosine (d = 2 - 2 cos)."""
+    distance = float(np.mean(result.best_thresholds))
+    return 1.0 - distance / 2.0, distance
+
+
+def file_sha256(path):
+    """The sha256 of a file's bytes (hex)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_threshold_record(checkpoint, results, step):
+    """Write threshold.json beside `checkpoint` (a run's best.ckpt, just written): the calibrated
+    threshold of the first set of `results` ({set: VerificationResult}, in evaluation order), every
+    set's, the step and the checkpoint's sha256 (which ties the record to those bytes). Nothing
+    without results."""
+    if not results:
+        return None
+    sets = {}
+    for name, result in results.items():
+        cosine, distance = calibrated_cosine(result)
+        sets[name] = {"threshold": cosine, "distance": distance, "accuracy": result.acc_flip,
+                      "nfolds": len(result.best_thresholds)}
+    first = next(iter(sets))
+    record = {"threshold": sets[first]["threshold"], "set": first, "accuracy": sets[first]["accuracy"],
+              "step": int(step), "checkpoint": os.path.basename(checkpoint), "sha256": file_sha256(checkpoint),
+              "sets": sets}
+    path = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), THRESHOLD_FILE)
+    atomic_write(path, json.dumps(record, indent=1) + "\n")
+    return path
+
+
+def read_threshold_record(path, log=print):
+    """The checked content of a threshold.json, or None (with a warning) when it does not hold what it
+    should: a cosine in [-1, 1], an accuracy in [0, 1], a step, a set name, the checkpoint's file name
+    (beside it) and its sha256."""
+    def bad(why):
+        log(f"warning: {path} {why}; not used")
+        return None
+
+    try:
+        if os.path.getsize(path) > 1 << 20:
+            return bad("is larger than any threshold record")
+        with open(path, encoding="utf-8") as fh:
+            record = json.load(fh)
+    except (OSError, ValueError) as exc:
+        return bad(f"cannot be read as JSON ({exc})")
+    if not isinstance(record, dict):
+        return bad("does not hold a JSON object")
+
+    def number(name, low, high):
+        value = record.get(name)
+        return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+                and low <= value <= high)
+
+    sha = record.get("sha256")
+    name = record.get("checkpoint")
+    if not (number("threshold", -1.0, 1.0) and number("accuracy", 0.0, 1.0)):
+        return bad("does not hold a threshold (a cosine in [-1, 1]) and an accuracy in [0, 1]")
+    if not (isinstance(record.get("step"), int) and record["step"] >= 0 and isinstance(record.get("set"), str)):
+        return bad("does not hold the step and the set it was calibrated on")
+    if not (isinstance(name, str) and name.endswith(".ckpt") and os.path.basename(name) == name
+            and isinstance(sha, str) and len(sha) == 64 and all(c in "0123456789abcdef" for c in sha)):
+        return bad("does not name the checkpoint beside it and its sha256")
+    return {key: record[key] for key in ("threshold", "accuracy", "step", "set", "checkpoint", "sha256")}

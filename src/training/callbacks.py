@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 from tqdm import tqdm
 
+from src.errors import ArcFaceError
+
 logger = logging.getLogger("arcface")
 TRAIN_LOG = "train.log"
 
@@ -90,6 +92,14 @@ def setup_logging(log_dir=None, main=True):
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
         logger.addHandler(handler)
     return logger
+
+
+def close_logging():
+    """Close the run's log file at the end of a run: lines logged later in the same process (another
+    tool, another run) must not go to a file of a finished run, or fail on its removed folder."""
+    for handler in [h for h in logger.handlers if isinstance(h, logging.FileHandler)]:
+        handler.close()
+        logger.removeHandler(handler)
 
 
 def append_metrics(path, row):
@@ -241,7 +251,8 @@ class CheckpointSaver(Callback):
 class VerificationMonitor(Callback):
     """Runs the verification sets every `interval` steps (and at the end), logs their lines,
     records them in metrics.jsonl and keeps the checkpoint with the best mean Accuracy-Flip as
-    `best.ckpt` (backbone and everything rank 0 holds).
+    `best.ckpt` (backbone and everything rank 0 holds), with its calibrated threshold beside it
+    (`threshold.json`: the protocol's threshold on the first set, as a cosine, used by embed.py).
 
     `embedder_factory(backbone)` gives the embedder of the backbone's weights at that moment (the
     backbone itself in MindSpore, or its export run by ONNX Runtime: src.evaluation.embedders)."""
@@ -267,7 +278,7 @@ class VerificationMonitor(Callback):
             self.evaluate(s)
 
     def evaluate(self, s: SyncState):
-        from src.evaluation.verification import verify_sets
+        from src.evaluation.verification import verify_sets, write_threshold_record
         self.last_step = s.global_step
         self.backbone.set_train(False)
         try:
@@ -281,7 +292,12 @@ class VerificationMonitor(Callback):
             append_metrics(self.metrics_path, {"epoch": s.epoch, "step": s.global_step, "eval": accuracy})
         if self.best is None or score > self.best:
             self.best = score
-            self.writer.write(os.path.join(self.writer.directory, "best.ckpt"), s.position, head_state=False)
+            best = os.path.join(self.writer.directory, "best.ckpt")
+            self.writer.write(best, s.position, head_state=False)
+            try:  # a threshold is worth a warning, never the run
+                write_threshold_record(best, results, s.global_step)
+            except (OSError, ArcFaceError) as exc:
+                logger.warning(f"could not write the threshold record beside {best}: {exc}")
             logger.info(f"best mean Accuracy-Flip {score:.5f} at step {s.global_step}: saved best.ckpt")
 
 

@@ -37,6 +37,7 @@ from src.training.callbacks import (
     LossMonitor,
     VerificationMonitor,
     best_eval_score,
+    close_logging,
     setup_logging,
 )
 from src.training.lock import RunLock
@@ -80,6 +81,7 @@ def set_up(cfg):
     except BaseException:
         if run.lock is not None:
             run.lock.release()
+        close_logging()
         raise
     return run
 
@@ -282,6 +284,7 @@ def train(cfg, given=None):
             modelarts.push_results(run.output_dir, run.cfg.train_url, run.rt.rank, run.rt.group_size)
         if run.lock is not None:
             run.lock.release()
+        close_logging()
 
 
 def _train(run, given):
