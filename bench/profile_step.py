@@ -11,6 +11,11 @@ one more step, and then --steps steps run under the profiler. Printed per backbo
 per step, the operators' summed time per step, and per operator type its calls and ms per step,
 its share of the operators' time, and how that time splits between the forward pass, the backward
 pass and the rest (finiteness check, optimizer); then the slowest single operators.
+
+With the PyTorch bench environment (`make bench-torch`; --torch), the same step of the PyTorch
+reference (bench/torch_iresnet.py, from the same state) is profiled next, by torch.profiler (self CPU
+time per operator), so that operator families can be compared: convolutions, BatchNorm, PReLU, the
+optimizer.
 """
 import argparse
 import csv
@@ -72,6 +77,16 @@ def profile(repo, network, width, batch_size, num_classes, warm_steps, lr, steps
     return {"wall_ms": wall, "ops": ops}
 
 
+def report_torch(network, result, top):
+    ops = result["ops"]
+    total = sum(o["ms"] for o in ops)
+    print(f"\n{network} PyTorch: {result['wall_ms']:.0f} ms per step (wall), operators (self CPU) {total:.0f} ms "
+          f"per step")
+    print(f"{'operator':<44}{'calls':>7}{'ms/step':>10}{'share':>8}")
+    for o in sorted(ops, key=lambda o: -o["ms"])[:top]:
+        print(f"{o['type'][:43]:<44}{o['calls']:>7.0f}{o['ms']:>10.1f}{100 * o['ms'] / total:>7.1f}%")
+
+
 def report(network, result, top):
     ops = result["ops"]
     total = sum(o["ms"] for o in ops)
@@ -107,6 +122,8 @@ def main(argv=None):
     parser.add_argument("--top", type=int, default=15)
     parser.add_argument("--repo", default=ROOT, help="checkout whose src/ is profiled")
     parser.add_argument("--state_dir", default=os.path.join(ROOT, "outputs", "bench_state"))
+    parser.add_argument("--torch", default="auto", help="python with torch to profile the PyTorch reference too: a "
+                                                         "path, 'auto' (.venv-bench when present) or 'none'")
     parser.add_argument("--json", help="also write the per-operator figures to this file")
     parser.add_argument("--_network", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -125,10 +142,33 @@ def main(argv=None):
             raise SystemExit(done.stderr[-3000:])
         results[network] = json.loads(done.stdout.strip().splitlines()[-1])
         report(network, results[network], args.top)
+        torch_python = _torch_python(args.torch)
+        if torch_python:
+            sys.path.insert(0, HERE)
+            import step_state
+            _, npz = step_state.state_paths(args.state_dir, network, args.width, args.batch_size, args.num_classes,
+                                            args.warm_steps, 0.1)
+            done = subprocess.run([torch_python, os.path.join(HERE, "torch_iresnet.py"), "--profile", "--network",
+                                   network, "--width", str(args.width), "--num_classes", str(args.num_classes),
+                                   "--batch_size", str(args.batch_size), "--npz", npz, "--lr", str(args.lr),
+                                   "--steps", str(args.steps)], capture_output=True, text=True, timeout=3600)
+            if done.returncode != 0:
+                raise SystemExit(done.stderr[-3000:])
+            results[network + " PyTorch"] = json.loads(done.stdout.strip().splitlines()[-1])
+            report_torch(network, results[network + " PyTorch"], args.top)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
             json.dump(results, fh, indent=2)
     return 0
+
+
+def _torch_python(choice):
+    if choice == "none":
+        return None
+    if choice != "auto":
+        return choice
+    path = os.path.join(ROOT, ".venv-bench", "bin", "python")
+    return path if os.access(path, os.X_OK) else None
 
 
 if __name__ == "__main__":

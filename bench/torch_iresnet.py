@@ -223,6 +223,38 @@ def parity(npz_in, npz_out=None):
             "grad_max_rel": worst, "grad_worst": worst_name, "head_grad_max_rel": head_rel}
 
 
+def profile(network, width, num_classes, batch_size, npz, lr, steps, seed=1):
+    """torch.profiler's operators of `steps` training steps from the state in `npz`: per operator
+    (self CPU time, as MindSpore's profiler counts a kernel) calls and ms per step, and the wall
+    time per step."""
+    import time
+
+    import numpy as np
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    arrays = np.load(npz)
+    backbone = IResNet(network, width)
+    load_mindspore(backbone, {k[len("backbone."):]: arrays[k] for k in arrays.files if k.startswith("backbone.")})
+    head = ArcFaceHead(num_classes)
+    with torch.no_grad():
+        head.weight.copy_(torch.from_numpy(arrays["head.weight"]))
+    step = TorchStep(backbone, head, lr)
+    rng = np.random.default_rng(seed)
+    data = [(torch.from_numpy(rng.uniform(-1, 1, (batch_size, 3, 112, 112)).astype(np.float32)),
+             torch.from_numpy(rng.integers(0, num_classes, batch_size).astype(np.int64))) for _ in range(4)]
+    step(*data[0])
+    step(*data[1])
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        tick = time.perf_counter()
+        for i in range(steps):
+            float(step(*data[i % len(data)]))
+        wall = (time.perf_counter() - tick) / steps * 1000
+    ops = [{"type": e.key, "name": e.key, "calls": e.count / steps, "ms": e.self_cpu_time_total / 1000 / steps}
+           for e in prof.key_averages() if e.self_cpu_time_total > 0]
+    return {"wall_ms": wall, "ops": ops}
+
+
 if __name__ == "__main__":
     import argparse
     import json
@@ -236,8 +268,12 @@ if __name__ == "__main__":
     parser.add_argument("--npz")
     parser.add_argument("--lr", type=float, default=0.1)
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--profile", action="store_true", help="print torch.profiler's operators instead")
     args = parser.parse_args()
-    if args.parity:
+    if args.profile:
+        print(json.dumps(profile(args.network, args.width, args.num_classes, args.batch_size, args.npz, args.lr,
+                                 args.steps)))
+    elif args.parity:
         print(json.dumps(parity(args.parity)))
     else:
         print(json.dumps(measure(args.network, args.width, args.num_classes, args.batch_size, args.npz, args.lr,

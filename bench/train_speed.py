@@ -4,6 +4,7 @@
   python bench/train_speed.py --networks r18,r50 --rounds 3
   python bench/train_speed.py --repo /tmp/before --repo . --networks r50     # two versions of our code
   python bench/train_speed.py --torch .venv-bench/bin/python                 # with PyTorch beside ours
+  python bench/train_speed.py --repo . --repo .@enable_graph_kernel=True     # a MindSpore context setting
 
 Every variant starts from the same realistic state (bench/step_state.py: the network trained
 --warm_steps steps at --lr on random batches, written once to --state_dir) and trains --steps steps
@@ -41,10 +42,24 @@ def _cpu_seconds():
 
 
 def _setup(repo):
+    """`repo` is a checkout, optionally followed by @key=value,... : MindSpore context settings to try
+    (e.g. `.@enable_graph_kernel=True`); the settings are applied after runtime.setup."""
+    repo, _, settings = repo.partition("@")
     sys.path.insert(0, repo)
     sys.path.insert(1, HERE)
     from src import runtime
     runtime.setup("CPU", seed=0, distributed=False)
+    if settings:
+        import ast
+
+        import mindspore as ms
+        for setting in settings.split(","):
+            key, _, value = setting.partition("=")
+            try:
+                value = ast.literal_eval(value)
+            except (ValueError, SyntaxError):
+                pass
+            ms.set_context(**{key: value})
 
 
 def measure_ours(repo, network, width, num_classes, batch_size, ckpt, lr, steps, onnx=True):
@@ -127,6 +142,11 @@ def _run(python, args, repo=ROOT, timeout=3600):
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def _absolute(spec):
+    path, at, settings = spec.partition("@")
+    return os.path.abspath(path) + at + settings
+
+
 def default_torch():
     """The bench environment's python when `make bench-torch` made it, else None."""
     path = os.path.join(ROOT, ".venv-bench", "bin", "python")
@@ -188,7 +208,7 @@ def main(argv=None):
     sys.path.insert(0, HERE)
     import step_state
     torch_python = default_torch() if args.torch == "auto" else (None if args.torch == "none" else args.torch)
-    repos = [os.path.abspath(r) for r in (args.repo or [ROOT])]
+    repos = [_absolute(r) for r in (args.repo or [ROOT])]
     me = os.path.abspath(__file__)
     torch_worker = os.path.join(HERE, "torch_iresnet.py")
     report = {"batch_size": args.batch_size, "num_classes": args.num_classes, "lr": args.lr,
@@ -221,7 +241,8 @@ def main(argv=None):
         rows = {name: [] for name, _ in variants}
         for round_ in range(args.rounds):
             for name, command in variants:
-                row = _run(command[0], command[1:], repo=name if os.path.isdir(name) else ROOT)
+                folder = name.partition("@")[0]
+                row = _run(command[0], command[1:], repo=folder if os.path.isdir(folder) else ROOT)
                 rows[name].append(row)
                 rate = args.batch_size * 1000 / statistics.median(row["wall_ms"])
                 print(f"  {network} round {round_ + 1}: {name}: {rate:.2f} img/s train, {row['infer_ips']:.1f} infer",
