@@ -2,13 +2,16 @@
 # make test      : set up .venv, lint, and run the whole test suite
 # make test-fast : the unit tier only (no end-to-end training, no worker launches, no C++ build)
 # make lint      : ruff (lint + import order)
-# make bench     : this machine's figures per backbone (a few minutes on 2 cores; outputs/bench.json)
+# make bench     : this machine's figures per backbone (a few minutes on 2 cores; outputs/bench.json), and
+#                  beside PyTorch when .venv-bench exists
+# make bench-torch: a separate PyTorch environment (.venv-bench; never part of requirements.txt or CI),
+#                  then our r18/r50 training and inference beside PyTorch's, alternating in one run
 PYTHON_BOOTSTRAP ?= python3
 VENV := .venv
 PYTHON := $(VENV)/bin/python
 STAMP := $(VENV)/.requirements-installed
 
-.PHONY: install demo test test-fast lint bench clean
+.PHONY: install demo test test-fast lint bench bench-torch clean
 
 install: $(STAMP)
 
@@ -33,6 +36,15 @@ test-fast: install
 bench: install
 	mkdir -p outputs
 	$(PYTHON) bench/run.py --json outputs/bench.json
+
+BENCH_VENV := .venv-bench
+TORCH_VERSION ?= 2.13.0
+
+bench-torch: install
+	@test -x $(BENCH_VENV)/bin/python || $(PYTHON_BOOTSTRAP) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/python -m pip install --disable-pip-version-check -q torch==$(TORCH_VERSION) "numpy>=1.26,<2"
+	mkdir -p outputs
+	$(PYTHON) bench/train_speed.py --networks r18,r50 --torch $(BENCH_VENV)/bin/python --json outputs/bench_torch.json
 
 clean:
 	rm -rf outputs/demo demo_data .pytest_cache

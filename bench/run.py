@@ -15,6 +15,11 @@ Per backbone, each in a fresh process (so that its peak memory is its own):
                 image (forward + backward)
 Plus the data pipeline's rate (decode, flip, normalise, batch) per source kind and worker count, and
 how many images per second an r50 training step needs, for comparison.
+
+When the PyTorch bench environment exists (`make bench-torch` makes .venv-bench), r18 and r50 are
+then also measured beside PyTorch by bench/train_speed.py: the same network checked equal, trained
+from the same realistic state, ours and PyTorch alternating in rounds, train and inference img/s and
+their ratio.
 """
 import argparse
 import json
@@ -145,6 +150,9 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=3, help="timed steps (after the compilation step)")
     parser.add_argument("--workers", default="1,2", help="data pipeline worker counts to measure")
     parser.add_argument("--json", help="also write the figures to this file")
+    parser.add_argument("--torch", default="auto", help="python of the PyTorch bench environment for the side-by-side "
+                                                         "comparison: a path, 'auto' (.venv-bench when present) or "
+                                                         "'none'")
     parser.add_argument("--_backbone", help=argparse.SUPPRESS)
     parser.add_argument("--_data", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -202,7 +210,28 @@ def main(argv=None):
             json.dump({"matmul_peak_gflops": peak, "cpu_count": os.cpu_count(), "batch_size": args.batch_size,
                        "num_classes": args.num_classes, "backbones": rows, "data_pipeline_ips": data}, fh, indent=2)
         print(f"wrote {args.json}")
+    torch_python = _torch_python(args.torch)
+    if torch_python:
+        compared = [n for n in networks if n in ("r18", "r50")]
+        if compared:
+            print(f"\n{', '.join(compared)} beside PyTorch (bench/train_speed.py):", flush=True)
+            done = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "train_speed.py"), "--networks",
+                                   ",".join(compared), "--batch_size", str(args.batch_size), "--num_classes",
+                                   str(args.num_classes), "--torch", torch_python], timeout=4 * 3600)
+            if done.returncode != 0:
+                raise SystemExit("bench/train_speed.py failed")
+    else:
+        print("\n(no PyTorch bench environment: `make bench-torch` adds the comparison with PyTorch)")
     return 0
+
+
+def _torch_python(choice):
+    if choice == "none":
+        return None
+    if choice != "auto":
+        return choice
+    path = os.path.join(ROOT, ".venv-bench", "bin", "python")
+    return path if os.access(path, os.X_OK) else None
 
 
 if __name__ == "__main__":

@@ -152,3 +152,57 @@ def test_dropout_is_used(pynative):
     net = get_backbone("r18", dropout=0.4)
     assert isinstance(net.dropout, nn.Dropout)
     assert isinstance(get_backbone("r18").dropout, nn.Identity)
+
+
+@pytest.mark.parametrize("mode", ["graph", "pynative"])
+def test_prelu_rewrite_equals_mindspore_prelu(mode):
+    """The backbones' PReLU (training: relu + depthwise 1x1 convolution on CPU) gives nn.PReLU's values
+    and gradients in x and w, on inputs holding +0, -0, values of both signs and negative slopes;
+    in inference it is the PReLU operator itself. Same parameter name, so checkpoints load."""
+    from mindspore import ops
+
+    from src.models.iresnet import PReLU
+
+    ms.set_context(mode=ms.GRAPH_MODE if mode == "graph" else ms.PYNATIVE_MODE)
+    try:
+        rng = np.random.RandomState(3)
+        x = rng.normal(size=(3, 4, 5, 6)).astype(np.float32)
+        x[0, :, 0, :3] = 0.0
+        x[1, :, 2, :2] = -0.0
+        x[2, 1] = np.abs(x[2, 1])  # a channel with no negative value
+        slopes = np.array([0.25, -0.5, 0.0, 1.7], np.float32)
+        dy = rng.normal(size=x.shape).astype(np.float32)
+        ours, theirs = PReLU(4), nn.PReLU(4)
+        assert [p.name for p in ours.get_parameters()] == [p.name for p in theirs.get_parameters()]
+        for cell in (ours, theirs):
+            cell.w.set_data(ms.Tensor(slopes))
+            cell.set_train(True)
+
+        class Grad(nn.Cell):
+            def __init__(self, cell):
+                super().__init__()
+                self.cell, self.weights = cell, ms.ParameterTuple(cell.trainable_params())
+                self.grad = ops.GradOperation(get_all=True, get_by_list=True, sens_param=True)
+
+            def construct(self, inputs, sens):
+                return self.cell(inputs), self.grad(self.cell, self.weights)(inputs, sens)
+
+        (y1, ((dx1,), (dw1,))), (y2, ((dx2,), (dw2,))) = (Grad(c)(ms.Tensor(x), ms.Tensor(dy))
+                                                          for c in (ours, theirs))
+        expected = np.where(x > 0, x, x * slopes.reshape(1, 4, 1, 1))
+        np.testing.assert_array_equal(y1.asnumpy(), y2.asnumpy())
+        np.testing.assert_array_equal(y1.asnumpy(), expected)
+        # w dy at x <= 0 (also at x = 0, as PReLUGrad); where x > 0, dy + w dy - w dy: one rounding
+        np.testing.assert_allclose(dx1.asnumpy(), dx2.asnumpy(), rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(dx1.asnumpy(), np.where(x > 0, dy, dy * slopes.reshape(1, 4, 1, 1)), rtol=1e-6,
+                                   atol=1e-7)
+        at_zero = x == 0
+        np.testing.assert_array_equal(dx1.asnumpy()[at_zero], (dy * slopes.reshape(1, 4, 1, 1))[at_zero])
+        np.testing.assert_allclose(dw1.asnumpy(), dw2.asnumpy(), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(dw1.asnumpy(), (dy * np.minimum(x, 0)).sum(axis=(0, 2, 3)), rtol=1e-5, atol=1e-6)
+        assert dw1.asnumpy()[1] != 0 and (dw1.asnumpy() != 0).all()
+        ours.set_train(False)
+        theirs.set_train(False)
+        np.testing.assert_array_equal(ours(ms.Tensor(x)).asnumpy(), theirs(ms.Tensor(x)).asnumpy())
+    finally:
+        ms.set_context(mode=ms.PYNATIVE_MODE)

@@ -10,8 +10,8 @@ from src.config import TrainConfig
 from src.heads.classifier import PartialFC
 from src.heads.margin import CombinedMargin
 from src.training.lr_schedule import LRSchedule
-from src.training.optim import AdamW, build_optimizer, parameter_groups
-from src.training.step import BackboneWithHead, TrainStep, all_finite
+from src.training.optim import SGD, AdamW, build_optimizer, parameter_groups
+from src.training.step import BackboneWithHead, TrainStep, all_finite, shape_groups
 
 
 @pytest.fixture(autouse=True)
@@ -44,6 +44,38 @@ def test_adamw_is_pytorchs_with_decoupled_decay_and_bias_correction():
     np.testing.assert_allclose(net.weight.asnumpy(), torch_adamw(w0, grads_w, lrs, 0.1), atol=5e-6)
     np.testing.assert_allclose(net.bias.asnumpy(), torch_adamw(b0, grads_b, lrs, 0.0), atol=5e-6)
     assert int(optimizer.global_step.asnumpy()[0]) == 5
+
+
+@pytest.mark.parametrize("mode", [ms.PYNATIVE_MODE, ms.GRAPH_MODE])
+def test_sgd_with_the_decay_in_the_kernel_is_nn_sgd(mode):
+    """The run's SGD (weight decay inside the SGD kernel) updates weights, momentum and step exactly as
+    nn.SGD with the same groups (decayed and not decayed), over several steps with changing rates; its
+    state has nn.SGD's names."""
+    ms.set_context(mode=mode)
+    rng = np.random.default_rng(4)
+    lrs = Tensor(np.array([0.1, 0.3, 0.05, 0.2], np.float32))
+
+    def build():
+        return nn.SequentialCell(nn.Dense(5, 4), nn.BatchNorm1d(4), nn.Dense(4, 3))
+
+    def run(kind):
+        net = build()
+        for p in net.trainable_params():
+            p.set_data(Tensor(start[p.name]))
+        optimizer = kind(parameter_groups(net, 0.05), learning_rate=lrs, momentum=0.9)
+        for grads in steps:  # in the optimizer's order of its parameters (the groups')
+            optimizer(tuple(Tensor(grads[p.name]) for p in optimizer.parameters))
+        return {p.name: p.asnumpy().copy() for p in optimizer.get_parameters() if p.name != "learning_rate"}
+
+    shapes = {p.name: p.shape for p in build().trainable_params()}
+    start = {name: rng.normal(size=shape).astype(np.float32) for name, shape in shapes.items()}
+    steps = [{name: rng.normal(size=shape).astype(np.float32) for name, shape in shapes.items()} for _ in range(4)]
+    ours, reference = run(SGD), run(nn.SGD)
+    assert sorted(ours) == sorted(reference) and any(name.startswith("accum.") for name in ours)
+    for name in reference:
+        np.testing.assert_allclose(ours[name], reference[name], rtol=1e-6, atol=1e-7, err_msg=name)
+    moved = {name: ours[name] - start[name] for name in start}
+    assert all(np.abs(m).max() > 0 for m in moved.values())
 
 
 def test_weight_decay_on_batchnorm_only_when_asked():
@@ -233,7 +265,7 @@ def test_recipe_options_reach_the_network_and_the_step():
     assert fp16_step.scale_manager.scale_window == 100
     assert all(wd == pytest.approx(0.1) for wd in step.optimizer.decays)  # BatchNorm decayed too
     sgd = build_optimizer(TrainConfig(network="r18", width=8), net, LRSchedule.constant(0.1))
-    assert isinstance(sgd, nn.SGD)
+    assert isinstance(sgd, SGD) and isinstance(sgd, nn.SGD)
 
 
 def test_adamw_state_is_saved_and_restored(tmp_path):
@@ -293,3 +325,51 @@ def test_the_finiteness_check_finds_one_bad_element_among_many(mode):
         plus[3], minus[5] = np.inf, -np.inf
         assert not finite(big, plus, minus)
         assert finite(small) and not finite(plus)  # a single tensor
+
+
+@pytest.mark.parametrize("mode", [ms.PYNATIVE_MODE, ms.GRAPH_MODE])
+def test_the_grouped_finiteness_check_finds_what_the_per_tensor_one_finds(mode):
+    """The train step's check adds same-shaped float32 tensors before summing (shape_groups): it gives
+    the per-tensor check's answer on finite sets, one NaN or Inf anywhere, +Inf and -Inf at the same
+    place of two same-shaped tensors (their element-wise sum is NaN) or in different groups, and keeps
+    fp16 tensors out of the groups."""
+    ms.set_context(mode=mode)
+    rng = np.random.default_rng(1)
+    shapes = [(64, 300), (17,), (64, 300), (17,), (3, 3, 4, 4), (64, 300), (17,), (5,)]
+    arrays = [rng.normal(size=shape).astype(np.float32) * 1e30 for shape in shapes]
+    arrays.append(rng.normal(size=(64, 300)).astype(np.float16) * 1e4)
+    groups = shape_groups([Tensor(a) for a in arrays])
+    assert groups == ((0, 2, 5), (1, 3, 6), (4,), (7,), (8,))
+
+    class Check(nn.Cell):
+        def __init__(self, grouped):
+            super().__init__()
+            self.groups = groups if grouped else None
+
+        def construct(self, tensors):
+            return all_finite(tensors, self.groups)
+
+    grouped, per_tensor = Check(True), Check(False)
+
+    def both(spoil):
+        spoiled = [a.copy() for a in arrays]
+        spoil(spoiled)
+        tensors = tuple(Tensor(a) for a in spoiled)
+        answers = bool(grouped(tensors).asnumpy()), bool(per_tensor(tensors).asnumpy())
+        assert answers[0] == answers[1]
+        return answers[0]
+
+    assert both(lambda a: None)
+    for index in range(len(arrays)):
+        for bad in (np.nan, np.inf, -np.inf):
+            def spoil(a, index=index, bad=bad):
+                a[index].flat[a[index].size // 2] = bad
+            assert not both(spoil), (index, bad)
+
+    def opposite_infinities_same_place(a):
+        a[0][10, 20], a[2][10, 20] = np.inf, -np.inf
+
+    def opposite_infinities_apart(a):
+        a[1][4], a[4][0, 0, 1, 1] = np.inf, -np.inf
+    assert not both(opposite_infinities_same_place)
+    assert not both(opposite_infinities_apart)

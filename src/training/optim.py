@@ -1,5 +1,5 @@
-"""The optimizer of a run: SGD with momentum (model zoo, arcface_torch's CNN recipes) or AdamW
-(arcface_torch's ViT recipes), and which parameters it decays.
+"""The optimizer of a run: SGD with momentum (model zoo, arcface_torch's CNN recipes; the weight decay
+inside the update kernel) or AdamW (arcface_torch's ViT recipes), and which parameters it decays.
 
 Both evaluate the learning-rate schedule (src.training.lr_schedule) at their own `global_step`,
 which the train step advances every iteration.
@@ -71,10 +71,27 @@ class AdamW(nn.Optimizer):
                               self.parameters, self.moment1, self.moment2, gradients)
 
 
+class SGD(nn.SGD):
+    """nn.SGD (the same state: `accum.*`, `stat.*`, `momentum`, `global_step`, so checkpoints load
+    either way) whose weight decay is applied inside MindSpore's SGD kernel (its `weight_decay`
+    attribute: gradient + weight_decay x weight, then momentum and the update) instead of by a Mul
+    and an AddN per decayed parameter before it: two passes over every weight and ~2 x (number of
+    parameters) kernel launches fewer per step, the same update (to float32 rounding)."""
+
+    def __init__(self, groups, learning_rate, momentum):
+        super().__init__(groups, learning_rate=learning_rate, momentum=momentum)
+        if self.is_group:
+            decays = [float(wd) for wd in self.group_weight_decay]
+        else:
+            decays = [float(self.weight_decay.asnumpy()) if flag else 0.0 for flag in self.decay_flags]
+        self.opt = tuple(ops.SGD(self.dampening, decay, self.nesterov) for decay in decays)
+        self.exec_weight_decay = False  # nn.Optimizer.decay_weight leaves the gradients alone
+
+
 def build_optimizer(cfg, net, lr_schedule):
     """The optimizer the config names; it evaluates `lr_schedule` (an LRSchedule) at its own step counter."""
     groups = parameter_groups(net, cfg.weight_decay, cfg.weight_decay_bn)
     lr = lr_schedule.cell()
     if cfg.optimizer == "adamw":
         return AdamW(groups, lr)
-    return nn.SGD(groups, learning_rate=lr, momentum=cfg.momentum)
+    return SGD(groups, learning_rate=lr, momentum=cfg.momentum)
