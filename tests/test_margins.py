@@ -402,7 +402,7 @@ def test_build_margin_refuses_bad_values(name, hyper, message):
 
 @pytest.mark.slow
 def test_training_with_a_margin_type_logs_records_and_saves_it(tiny_data, tmp_path):
-    """train.py --margin_type curricularface: the first log line names the margin and its hyper-parameters,
+    """train.py --margin_type curricularface: the start-of-run block names the margin and its hyper-parameters,
     config.yaml records them, and the checkpoint holds the running t, moved from its initial 0."""
     import yaml
 
@@ -413,8 +413,9 @@ def test_training_with_a_margin_type_logs_records_and_saves_it(tiny_data, tmp_pa
                        "--batch_size", "8", "--epochs", "1", "--lr", "0.8", "--scale", "16", "--num_workers", "1",
                        "--log_interval", "1", "--margin_type", "curricularface", "--curricularface_alpha", "0.5",
                        "--max_steps", "3"]) == 0
-    assert "r18 width 8 (" in (out / "train.log").read_text()
-    assert "curricularface m 0.5 alpha 0.5 | recordio" in (out / "train.log").read_text()
+    log = (out / "train.log").read_text()
+    assert "training r18 width 8: " in log
+    assert "  loss       curricularface m 0.5 alpha 0.5, scale 16\n" in log
     recorded = yaml.safe_load((out / "config.yaml").read_text())
     assert recorded["margin_type"] == "curricularface" and recorded["curricularface_alpha"] == 0.5
     params, _ = read_checkpoint(str(out / "ArcFace-1_3.ckpt"))
