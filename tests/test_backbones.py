@@ -192,12 +192,9 @@ def test_prelu_rewrite_equals_mindspore_prelu(mode):
         expected = np.where(x > 0, x, x * slopes.reshape(1, 4, 1, 1))
         np.testing.assert_array_equal(y1.asnumpy(), y2.asnumpy())
         np.testing.assert_array_equal(y1.asnumpy(), expected)
-        # w dy at x <= 0 (also at x = 0, as PReLUGrad); where x > 0, dy + w dy - w dy: one rounding
-        np.testing.assert_allclose(dx1.asnumpy(), dx2.asnumpy(), rtol=1e-6, atol=1e-7)
-        np.testing.assert_allclose(dx1.asnumpy(), np.where(x > 0, dy, dy * slopes.reshape(1, 4, 1, 1)), rtol=1e-6,
-                                   atol=1e-7)
-        at_zero = x == 0
-        np.testing.assert_array_equal(dx1.asnumpy()[at_zero], (dy * slopes.reshape(1, 4, 1, 1))[at_zero])
+        # dy where x > 0, w dy at x <= 0 (also at x = 0, as PReLUGrad): exactly
+        np.testing.assert_array_equal(dx1.asnumpy(), dx2.asnumpy())
+        np.testing.assert_array_equal(dx1.asnumpy(), np.where(x > 0, dy, dy * slopes.reshape(1, 4, 1, 1)))
         np.testing.assert_allclose(dw1.asnumpy(), dw2.asnumpy(), rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(dw1.asnumpy(), (dy * np.minimum(x, 0)).sum(axis=(0, 2, 3)), rtol=1e-5, atol=1e-6)
         assert dw1.asnumpy()[1] != 0 and (dw1.asnumpy() != 0).all()

@@ -70,9 +70,10 @@ class _ChannelSlopes(nn.Cell):
     so that only x is kept for it (as PReLU keeps), not the intermediate tensors.
 
     forward   relu(x) + w * (x - relu(x)), the per-channel product as a depthwise 1x1 convolution;
-    backward  dx = w dy where x <= 0 (as PReLUGrad, also at x = 0) and dy where x > 0 (computed as
-              w dy + (dy - w dy): within one rounding); dw = the sum of dy * min(x, 0) over batch
-              and space (the depthwise convolution's filter gradient)."""
+    backward  split dy by the sign of x: p = dy where x > 0 (ReluGrad), n = dy - p; then
+              dx = p + w n (exactly PReLUGrad's: dy where x > 0, w dy where x <= 0, also at x = 0)
+              and dw = the sum of n * x over batch and space (the depthwise convolution's filter
+              gradient). Four temporaries of x's size, the fewest of the forms measured."""
 
     def __init__(self, channels: int) -> None:
         super().__init__()
@@ -88,9 +89,10 @@ class _ChannelSlopes(nn.Cell):
 
     def bprop(self, x, w, out, dout):
         kernel = w.reshape(self.channels, 1, 1, 1)
-        scaled = self.depthwise(dout, kernel)
-        dx = scaled + self.relu_gradient(dout - scaled, x)
-        dw = self.filter_gradient(dout, x - self.relu(x), kernel.shape)
+        positive = self.relu_gradient(dout, x)
+        negative = dout - positive
+        dw = self.filter_gradient(negative, x, kernel.shape)
+        dx = positive + self.depthwise(negative, kernel)
         return dx, dw.reshape(self.channels)
 
 
