@@ -104,7 +104,7 @@ class PReLU(nn.PReLU):
     element and branch on its sign (a data-dependent speed); broadcasting the slope over NCHW is slow
     too. In training on CPU this cell computes the same function with relu, element-wise arithmetic
     and a depthwise 1x1 convolution (`_ChannelSlopes`): forward + backward take about half the time
-    of PReLU + PReLUGrad; the r50 step's peak memory is about 7 % higher (bench/README.md).
+    of PReLU + PReLUGrad, and the r50 step's peak memory is the PReLU operator's (bench/README.md).
     Inference (and so every export) keeps the PReLU operator, and so do other devices (the device
     chosen when the cell is built), whose kernels are not these.
     """
