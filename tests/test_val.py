@@ -113,7 +113,7 @@ def same_lines(ours, theirs):
     norm of about 90 printed to 7 significant digits, to 1e-6 relative (float32 sums in another order)."""
     assert len(ours) == len(theirs) == 4
     # each line starts with the time, the model file and its backend: compare from the set's name on
-    ours, theirs = ([line[line.find("[demo]"):] for line in lines] for lines in (ours, theirs))
+    ours, theirs = ([line[line.index("[demo]"):] for line in lines] for lines in (ours, theirs))
     for a, b in zip(ours, theirs):
         if "XNorm" in a:
             assert float(a.split(": ")[1]) == pytest.approx(float(b.split(": ")[1]), rel=1e-6)
