@@ -12,6 +12,9 @@ import os
 
 import numpy as np
 
+# Printed by a worker before the one step whose oneDNN primitives bench/profile_step.py --onednn reads.
+ONEDNN_MARKER = "== the measured step =="
+
 
 def state_paths(folder, network, width, batch_size, num_classes, warm_steps, lr):
     stem = os.path.join(folder, f"{network}_w{width}_b{batch_size}_c{num_classes}_warm{warm_steps}_lr{lr:g}")

@@ -143,12 +143,8 @@ def _peak_mb():
         return next(int(line.split()[1]) / 1024 for line in fh if line.startswith("VmHWM"))
 
 
-def measure(network, width, num_classes, batch_size, npz, lr, steps, seed=1):
-    """The same figures as train_speed.py's MindSpore worker: per-step wall and CPU ms of training from
-    the state in `npz`, then inference img/s of the backbone in eval mode."""
-    import resource
-    import time
-
+def _step_from_state(network, width, num_classes, batch_size, npz, lr, seed):
+    """(backbone, TorchStep, four fixed batches) from the state in `npz` (bench/step_state.py)."""
     import numpy as np
 
     arrays = np.load(npz)
@@ -158,10 +154,19 @@ def measure(network, width, num_classes, batch_size, npz, lr, steps, seed=1):
     head = ArcFaceHead(num_classes)
     with torch.no_grad():
         head.weight.copy_(torch.from_numpy(arrays["head.weight"]))
-    step = TorchStep(backbone, head, lr)
     rng = np.random.default_rng(seed)
     data = [(torch.from_numpy(rng.uniform(-1, 1, (batch_size, 3, 112, 112)).astype(np.float32)),
              torch.from_numpy(rng.integers(0, num_classes, batch_size).astype(np.int64))) for _ in range(4)]
+    return backbone, TorchStep(backbone, head, lr), data
+
+
+def measure(network, width, num_classes, batch_size, npz, lr, steps, seed=1):
+    """The same figures as train_speed.py's MindSpore worker: per-step wall and CPU ms of training from
+    the state in `npz`, then inference img/s of the backbone in eval mode."""
+    import resource
+    import time
+
+    backbone, step, data = _step_from_state(network, width, num_classes, batch_size, npz, lr, seed)
 
     def cpu():
         usage = resource.getrusage(resource.RUSAGE_SELF)
@@ -229,20 +234,10 @@ def profile(network, width, num_classes, batch_size, npz, lr, steps, seed=1):
     time per step."""
     import time
 
-    import numpy as np
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    arrays = np.load(npz)
-    backbone = IResNet(network, width)
-    load_mindspore(backbone, {k[len("backbone."):]: arrays[k] for k in arrays.files if k.startswith("backbone.")})
-    head = ArcFaceHead(num_classes)
-    with torch.no_grad():
-        head.weight.copy_(torch.from_numpy(arrays["head.weight"]))
-    step = TorchStep(backbone, head, lr)
-    rng = np.random.default_rng(seed)
-    data = [(torch.from_numpy(rng.uniform(-1, 1, (batch_size, 3, 112, 112)).astype(np.float32)),
-             torch.from_numpy(rng.integers(0, num_classes, batch_size).astype(np.int64))) for _ in range(4)]
+    _, step, data = _step_from_state(network, width, num_classes, batch_size, npz, lr, seed)
     step(*data[0])
     step(*data[1])
     with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -269,8 +264,19 @@ if __name__ == "__main__":
     parser.add_argument("--lr", type=float, default=0.1)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--profile", action="store_true", help="print torch.profiler's operators instead")
+    parser.add_argument("--onednn", action="store_true", help="two steps, then one after a marker line, for "
+                                                             "ONEDNN_VERBOSE=1 (bench/profile_step.py --onednn)")
     args = parser.parse_args()
-    if args.profile:
+    if args.onednn:
+        _, step, data = _step_from_state(args.network, args.width, args.num_classes, args.batch_size, args.npz,
+                                         args.lr, 1)
+        step(*data[0])
+        step(*data[1])
+        from step_state import ONEDNN_MARKER
+        print(ONEDNN_MARKER, flush=True)
+        float(step(*data[2]))
+        print(json.dumps({"done": True}), flush=True)
+    elif args.profile:
         print(json.dumps(profile(args.network, args.width, args.num_classes, args.batch_size, args.npz, args.lr,
                                  args.steps)))
     elif args.parity:

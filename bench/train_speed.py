@@ -134,8 +134,11 @@ def parity_ours(network, width, num_classes, batch_size, ckpt, out):
     return {"written": out}
 
 
-def _run(python, args, repo=ROOT, timeout=3600):
-    env = dict(os.environ, ONEDNN_MAX_CPU_ISA=os.environ.get("ONEDNN_MAX_CPU_ISA", "AVX2"), GLOG_v="3")
+def _run(python, args, repo=ROOT, timeout=3600, isa=None):
+    """Run a worker; `isa` "native" lets its oneDNN use what the CPU has, else the cap (ours: AVX2)."""
+    env = dict(os.environ, ONEDNN_MAX_CPU_ISA=isa or os.environ.get("ONEDNN_MAX_CPU_ISA", "AVX2"), GLOG_v="3")
+    if isa == "native":
+        del env["ONEDNN_MAX_CPU_ISA"]
     done = subprocess.run([python] + args, env=env, capture_output=True, text=True, timeout=timeout, cwd=repo)
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(args[:3])} failed:\n{done.stderr[-3000:]}")
@@ -177,6 +180,10 @@ def main(argv=None):
     parser.add_argument("--repo", action="append", help="checkout to measure (repeatable; default: this one)")
     parser.add_argument("--torch", default="auto", help="python with torch for the reference: a path, 'auto' "
                                                          "(.venv-bench when present) or 'none'")
+    parser.add_argument("--torch_isa", default="native,AVX2",
+                        help="instruction sets the PyTorch reference runs at, comma-separated: 'native' (as "
+                             "installed: its oneDNN uses AVX-512 where the CPU has it) and/or a ONEDNN_MAX_CPU_ISA "
+                             "value such as AVX2, the cap ours needs (src/runtime.py)")
     parser.add_argument("--no_onnx", action="store_true", help="skip ONNX Runtime inference")
     parser.add_argument("--state_dir", default=os.path.join(ROOT, "outputs", "bench_state"))
     parser.add_argument("--json", help="also write the figures to this file")
@@ -227,22 +234,24 @@ def main(argv=None):
             _run(sys.executable, [me, "--_worker", f"parity|{ROOT}|{network}", "--_ckpt", ckpt, "--state_dir",
                                   args.state_dir] + common)
             check = _run(torch_python, [torch_worker, "--parity", os.path.join(args.state_dir,
-                                                                               f"parity_{network}.npz")])
+                                                                               f"parity_{network}.npz")],
+                         isa="native")
             print(f"{network} PyTorch reference on the same weights: trainable parameters {check['params_torch']:,} "
                   f"(ours {check['params_ours']:,}); eval embeddings max |diff| {check['embedding_max_abs']:.1e} "
                   f"(values up to {check['embedding_scale']:.1f}); train loss {check['loss_torch']:.6f} "
                   f"(ours {check['loss_ours']:.6f}); gradients max |diff| / max |g| {check['grad_max_rel']:.1e} "
                   f"(backbone, worst {check['grad_worst']}), {check['head_grad_max_rel']:.1e} (head)", flush=True)
-        variants = [(repo, [sys.executable, me, "--_worker", f"ours|{repo}|{network}", "--_ckpt", ckpt, "--steps",
-                            str(args.steps)] + common + (["--no_onnx"] if args.no_onnx else [])) for repo in repos]
-        if torch_python:
-            variants.append(("PyTorch", [torch_python, torch_worker, "--network", network, "--npz", npz, "--steps",
-                                         str(args.steps)] + common))
-        rows = {name: [] for name, _ in variants}
+        variants = [(repo, None, [sys.executable, me, "--_worker", f"ours|{repo}|{network}", "--_ckpt", ckpt,
+                                  "--steps", str(args.steps)] + common + (["--no_onnx"] if args.no_onnx else []))
+                    for repo in repos]
+        for isa in (args.torch_isa.split(",") if torch_python else []):
+            variants.append((_torch_name(isa), isa, [torch_python, torch_worker, "--network", network, "--npz", npz,
+                                                     "--steps", str(args.steps)] + common))
+        rows = {name: [] for name, _, _ in variants}
         for round_ in range(args.rounds):
-            for name, command in variants:
+            for name, isa, command in variants:
                 folder = name.partition("@")[0]
-                row = _run(command[0], command[1:], repo=folder if os.path.isdir(folder) else ROOT)
+                row = _run(command[0], command[1:], repo=folder if os.path.isdir(folder) else ROOT, isa=isa)
                 rows[name].append(row)
                 rate = args.batch_size * 1000 / statistics.median(row["wall_ms"])
                 print(f"  {network} round {round_ + 1}: {name}: {rate:.2f} img/s train, {row['infer_ips']:.1f} infer",
@@ -256,29 +265,36 @@ def main(argv=None):
     return 0
 
 
+def _torch_name(isa):
+    return "PyTorch" if isa == "native" else f"PyTorch {isa}"
+
+
 def print_table(report, with_torch):
     print(f"\nfp32, batch {report['batch_size']}, {report['num_classes']} classes, SGD lr {report['lr']} after "
           f"{report['warm_steps']} warm-up steps, {report['cpu_count']} CPU cores; img/s median of rounds [range]")
     header = ["network", "variant", "train img/s", "CPU ms/step", "infer MindSpore", "infer ONNX Runtime",
               "infer PyTorch", "train peak MB"]
+    torch_names = sorted({name for variants in report["networks"].values() for name in variants
+                          if name.startswith("PyTorch")}, key=len)
     if with_torch:
-        header += ["train / PyTorch", "best infer / PyTorch"]
+        header += [f"train / {name}" for name in torch_names] + [f"best infer / {name}" for name in torch_names]
     print(" | ".join(header))
     for network, variants in report["networks"].items():
-        torch_row = variants.get("PyTorch")
         for name, s in variants.items():
             train = f"{s['train'][0]:.2f} [{s['train'][1]:.2f}-{s['train'][2]:.2f}]"
-            is_torch = name == "PyTorch"
+            is_torch = name.startswith("PyTorch")
             cells = [network, name if is_torch else os.path.basename(name) or name, train, f"{s['cpu_ms']:.0f}",
                      "" if is_torch else f"{s['infer']:.1f}",
                      "" if is_torch or s["infer_ort"] is None else f"{s['infer_ort']:.1f}",
                      f"{s['infer']:.1f}" if is_torch else "", f"{s['peak']:.0f}"]
             if with_torch:
                 if is_torch:
-                    cells += ["", ""]
+                    cells += [""] * (2 * len(torch_names))
                 else:
                     best = max(s["infer"], s["infer_ort"] or 0)
-                    cells += [f"{s['train'][0] / torch_row['train'][0]:.2f}", f"{best / torch_row['infer']:.2f}"]
+                    cells += [f"{s['train'][0] / variants[t]['train'][0]:.2f}" if t in variants else ""
+                              for t in torch_names]
+                    cells += [f"{best / variants[t]['infer']:.2f}" if t in variants else "" for t in torch_names]
             print(" | ".join(cells))
 
 
