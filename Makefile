@@ -1,6 +1,6 @@
 # make demo      : set up .venv and run the bundled demo end to end (train -> evaluate -> export -> ONNX evaluation)
 # make test      : set up .venv, lint, and run the whole test suite
-# make test-fast : the unit tier only (no end-to-end training, no worker launches, no C++ build)
+# make test-fast : the unit tier only (no end-to-end training, no worker launches, no inference-app build)
 # make lint      : ruff (lint + import order)
 # make bench     : this machine's figures per backbone (a few minutes on 2 cores; outputs/bench.json), and
 #                  beside PyTorch when .venv-bench exists
@@ -10,15 +10,19 @@ PYTHON_BOOTSTRAP ?= python3
 VENV := .venv
 PYTHON := $(VENV)/bin/python
 STAMP := $(VENV)/.requirements-installed
+ONEDNN_HEADERS := onednn-devel==2026.1.0
 
 .PHONY: install demo test test-fast lint bench bench-torch clean
 
 install: $(STAMP)
 
 # Re-installs whenever requirements.txt changes; a half-finished install leaves no stamp.
-$(STAMP): requirements.txt
+$(STAMP): requirements.txt Makefile
 	@test -x $(PYTHON) || $(PYTHON_BOOTSTRAP) -m venv $(VENV)
 	$(PYTHON) -m pip install --disable-pip-version-check -q -r requirements.txt
+	# oneDNN's C headers alone (no library: the CPU training convolutions of src/models/cpu_conv.py use
+	# MindSpore's own oneDNN); --no-deps keeps the package's runtime out
+	$(PYTHON) -m pip install --disable-pip-version-check -q --no-deps $(ONEDNN_HEADERS)
 	@touch $(STAMP)
 
 demo: install

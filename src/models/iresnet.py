@@ -21,6 +21,8 @@ from mindspore import nn, ops
 from mindspore.common.initializer import HeNormal, Normal, Zero
 from mindspore.ops.operations import _grad_ops
 
+from src.models.cpu_conv import Conv2d
+
 BN_EPS = 1e-5
 # MindSpore's momentum weights the running statistic (PyTorch momentum 0.1 <=> 0.9 here).
 BN_MOMENTUM = 0.9
@@ -46,13 +48,14 @@ def conv_init() -> HeNormal:
 
 def conv2d(in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
            padding: int = 0, group: int = 1) -> nn.Conv2d:
-    """Bias-free convolution with explicit symmetric zero padding (matches PyTorch striding)."""
+    """Bias-free convolution with explicit symmetric zero padding (matches PyTorch striding); in
+    float32 training on the CPU it runs oneDNN's blocked-layout kernels (src/models/cpu_conv.py)."""
     if padding:
         pad_kwargs = {"pad_mode": "pad", "padding": padding}
     else:
         pad_kwargs = {"pad_mode": "valid"}
-    return nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, group=group,
-                     has_bias=False, weight_init=conv_init(), **pad_kwargs)
+    return Conv2d(in_channels, out_channels, kernel_size, stride=stride, group=group,
+                  has_bias=False, weight_init=conv_init(), **pad_kwargs)
 
 
 def batch_norm_2d(num_features: int) -> nn.BatchNorm2d:

@@ -1,0 +1,386 @@
+// Convolutions for training on the CPU through oneDNN, in the memory layouts oneDNN prefers.
+//
+// MindSpore's CPU Conv2D kernels hand oneDNN plain NCHW tensors, for which oneDNN runs an im2col +
+// GEMM implementation; left free to choose the layout ("any"), it runs its direct kernels on blocked
+// layouts, which take less time per convolution on the same cores (bench/README.md). The three
+// functions below are MindSpore "aot" custom operators of a bias-free 2-D convolution with symmetric
+// zero padding (k - 1) / 2 and the stride implied by the shapes: the forward pass, the gradient of the
+// input and the gradient of the weights. They take and return plain NCHW / OIHW float32 tensors and
+// reorder to and from the blocked layouts inside. Built by src/models/cpu_conv.py against the oneDNN
+// library MindSpore ships, whose CPU runtime is a threadpool: the pool below is ours.
+
+#include <oneapi/dnnl/dnnl.h>
+#include <oneapi/dnnl/dnnl_threadpool.h>
+#include <oneapi/dnnl/dnnl_threadpool_iface.hpp>
+#include <dlfcn.h>
+#include <sched.h>
+
+#include <array>
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <map>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+namespace {
+
+// A fixed set of threads that runs oneDNN's parallel sections; the calling thread takes part.
+class Pool : public dnnl::threadpool_interop::threadpool_iface {
+ public:
+  explicit Pool(int threads) : threads_(threads) {
+    for (int i = 1; i < threads; ++i) workers_.emplace_back([this] { Work(); });
+  }
+  ~Pool() override {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      stop_ = true;
+    }
+    wake_.notify_all();
+    for (auto &worker : workers_) worker.join();
+  }
+  int get_num_threads() const override { return threads_; }
+  bool get_in_parallel() const override { return in_parallel_; }
+  uint64_t get_flags() const override { return 0; }  // synchronous: parallel_for returns when done
+  void wait() override {}
+
+  void parallel_for(int n, const std::function<void(int, int)> &fn) override {
+    if (n <= 0) return;
+    if (n == 1 || threads_ == 1 || in_parallel_) {
+      for (int i = 0; i < n; ++i) fn(i, n);
+      return;
+    }
+    uint64_t generation;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      job_ = &fn;
+      total_ = n;
+      finished_.store(0);
+      generation = ++generation_;
+      next_.store(generation << 32);  // (generation, next task): a late thread cannot take a new job's task
+    }
+    wake_.notify_all();
+    Run(generation);
+    while (finished_.load() < n) std::this_thread::yield();
+  }
+
+ private:
+  void Run(uint64_t generation) {
+    in_parallel_ = true;
+    for (;;) {
+      uint64_t claim = next_.load();
+      if ((claim >> 32) != generation || static_cast<int>(claim & 0xffffffffu) >= total_) break;
+      if (!next_.compare_exchange_weak(claim, claim + 1)) continue;
+      (*job_)(static_cast<int>(claim & 0xffffffffu), total_);
+      finished_.fetch_add(1);
+    }
+    in_parallel_ = false;
+  }
+  void Work() {
+    uint64_t seen = 0;
+    for (;;) {
+      uint64_t generation;
+      {
+        std::unique_lock<std::mutex> lock(mutex_);
+        wake_.wait(lock, [&] { return stop_ || generation_ != seen; });
+        if (stop_) return;
+        generation = seen = generation_;
+      }
+      Run(generation);
+    }
+  }
+
+  const int threads_;
+  std::vector<std::thread> workers_;
+  std::mutex mutex_;
+  std::condition_variable wake_;
+  bool stop_ = false;
+  uint64_t generation_ = 0;
+  const std::function<void(int, int)> *job_ = nullptr;
+  int total_ = 0;
+  std::atomic<uint64_t> next_{0};
+  std::atomic<int> finished_{0};
+  static thread_local bool in_parallel_;
+};
+thread_local bool Pool::in_parallel_ = false;
+
+// oneDNN's C API, from a private copy of MindSpore's oneDNN library (ONEDNN_COPY, set when building),
+// opened with its own symbols first: a second instance of the library, whose instruction-set limit is
+// its own. MindSpore's instance stays at the ONEDNN_MAX_CPU_ISA=AVX2 src/runtime.py sets (its plain-layout
+// convolutions fall back to reference code above it); ours runs the blocked-layout kernels at the best
+// instruction set the CPU has.
+struct Api {
+#define ONEDNN_FUNCTIONS(X)                                                                                 \
+  X(convolution_backward_data_primitive_desc_create) X(convolution_backward_weights_primitive_desc_create)  \
+  X(convolution_forward_primitive_desc_create) X(engine_create) X(memory_create) X(memory_desc_clone)       \
+  X(memory_desc_create_with_tag) X(memory_desc_destroy) X(memory_desc_equal) X(memory_desc_get_size)        \
+  X(memory_destroy) X(primitive_create) X(primitive_desc_destroy) X(primitive_desc_query_md)                \
+  X(primitive_execute) X(reorder_primitive_desc_create) X(stream_wait) X(threadpool_interop_stream_create) \
+  X(set_max_cpu_isa)
+#define DECLARE(name) decltype(&::dnnl_##name) name = nullptr;
+  ONEDNN_FUNCTIONS(DECLARE)
+#undef DECLARE
+
+  bool Load() {
+    void *handle = dlopen(ONEDNN_COPY, RTLD_NOW | RTLD_LOCAL | RTLD_DEEPBIND);
+    if (handle == nullptr) {
+      std::fprintf(stderr, "cpu_conv: cannot open %s: %s\n", ONEDNN_COPY, dlerror());
+      return false;
+    }
+#define RESOLVE(name)                                                                    \
+  name = reinterpret_cast<decltype(&::dnnl_##name)>(dlsym(handle, "dnnl_" #name));       \
+  if (name == nullptr) {                                                                 \
+    std::fprintf(stderr, "cpu_conv: %s has no dnnl_%s\n", ONEDNN_COPY, #name);           \
+    return false;                                                                        \
+  }
+    ONEDNN_FUNCTIONS(RESOLVE)
+#undef RESOLVE
+    return true;
+  }
+};
+Api api;
+
+int CpuCount() {
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) return CPU_COUNT(&set) > 0 ? CPU_COUNT(&set) : 1;
+  int n = static_cast<int>(std::thread::hardware_concurrency());
+  return n > 0 ? n : 1;
+}
+
+#define CHECK(call)                                                              \
+  do {                                                                           \
+    dnnl_status_t status_ = (call);                                              \
+    if (status_ != dnnl_success) {                                               \
+      std::fprintf(stderr, "cpu_conv: %s failed (status %d)\n", #call, status_); \
+      return 1;                                                                  \
+    }                                                                            \
+  } while (0)
+
+enum Kind { kForward = 0, kBackwardData = 1, kBackwardWeights = 2 };
+
+// One tensor of a convolution: its plain layout, the layout the convolution runs on, and the reorder
+// between them (none when they are the same).
+struct Operand {
+  dnnl_memory_desc_t plain = nullptr;
+  const_dnnl_memory_desc_t chosen = nullptr;
+  dnnl_primitive_t reorder = nullptr;
+  int arg = 0;
+  bool output = false;
+};
+
+struct Plan {
+  dnnl_primitive_t conv = nullptr;
+  std::array<Operand, 3> operands;  // the two inputs, then the output
+};
+
+struct State {
+  dnnl_engine_t engine = nullptr;
+  dnnl_stream_t stream = nullptr;
+  Pool *pool = nullptr;
+  std::map<std::array<int64_t, 10>, Plan> plans;
+  std::mutex mutex;  // one convolution at a time: they share the pool
+};
+
+State *Global() {
+  static State *state = [] {
+    auto *s = new State();
+    s->pool = new Pool(CpuCount());
+    // The limit can only be set before the copy's first primitive; built with -z nodelete, this runs once.
+    auto *pool = static_cast<dnnl::threadpool_interop::threadpool_iface *>(s->pool);
+    if (!api.Load() || api.set_max_cpu_isa(ONEDNN_ISA) != dnnl_success ||
+        api.engine_create(&s->engine, dnnl_cpu, 0) != dnnl_success ||
+        api.threadpool_interop_stream_create(&s->stream, s->engine, pool) != dnnl_success) {
+      s->engine = nullptr;
+    }
+    return s;
+  }();
+  return state;
+}
+
+int MakeOperand(State *s, const_dnnl_primitive_desc_t pd, dnnl_query_t query, const dnnl_dims_t dims, int arg,
+                bool output, Operand *op) {
+  op->arg = arg;
+  op->output = output;
+  CHECK(api.memory_desc_create_with_tag(&op->plain, 4, dims, dnnl_f32, dnnl_abcd));
+  op->chosen = api.primitive_desc_query_md(pd, query, 0);
+  if (op->chosen == nullptr) {
+    std::fprintf(stderr, "cpu_conv: the convolution has no memory descriptor for argument %d\n", arg);
+    return 1;
+  }
+  if (api.memory_desc_equal(op->plain, op->chosen)) return 0;
+  dnnl_primitive_desc_t reorder_pd;
+  const_dnnl_memory_desc_t from = output ? op->chosen : op->plain, to = output ? op->plain : op->chosen;
+  CHECK(api.reorder_primitive_desc_create(&reorder_pd, from, s->engine, to, s->engine, nullptr));
+  dnnl_status_t status = api.primitive_create(&op->reorder, reorder_pd);
+  api.primitive_desc_destroy(reorder_pd);
+  CHECK(status);
+  return 0;
+}
+
+// dims: x (N, C, H, W), w (O, C, K, K), y (N, O, OH, OW).
+int Build(State *s, Kind kind, const dnnl_dims_t x, const dnnl_dims_t w, const dnnl_dims_t y, int64_t stride,
+          int64_t pad, Plan *plan) {
+  dnnl_memory_desc_t any_x, any_w, any_y;
+  CHECK(api.memory_desc_create_with_tag(&any_x, 4, x, dnnl_f32, dnnl_format_tag_any));
+  CHECK(api.memory_desc_create_with_tag(&any_w, 4, w, dnnl_f32, dnnl_format_tag_any));
+  CHECK(api.memory_desc_create_with_tag(&any_y, 4, y, dnnl_f32, dnnl_format_tag_any));
+  dnnl_dims_t strides = {stride, stride}, dilates = {0, 0}, padding = {pad, pad};
+  dnnl_primitive_desc_t forward = nullptr, pd = nullptr;
+  int failed = 0;
+  if (api.convolution_forward_primitive_desc_create(&forward, s->engine, dnnl_forward_training,
+                                                     dnnl_convolution_direct, any_x, any_w, nullptr, any_y, strides,
+                                                     dilates, padding, padding, nullptr) != dnnl_success) {
+    failed = 1;
+  } else if (kind == kForward) {
+    pd = forward;
+    forward = nullptr;
+    failed = MakeOperand(s, pd, dnnl_query_src_md, x, DNNL_ARG_SRC, false, &plan->operands[0]) ||
+             MakeOperand(s, pd, dnnl_query_weights_md, w, DNNL_ARG_WEIGHTS, false, &plan->operands[1]) ||
+             MakeOperand(s, pd, dnnl_query_dst_md, y, DNNL_ARG_DST, true, &plan->operands[2]);
+  } else if (kind == kBackwardData) {
+    failed = api.convolution_backward_data_primitive_desc_create(&pd, s->engine, dnnl_convolution_direct, any_x,
+                                                                  any_w, any_y, strides, dilates, padding, padding,
+                                                                  forward, nullptr) != dnnl_success ||
+             MakeOperand(s, pd, dnnl_query_diff_dst_md, y, DNNL_ARG_DIFF_DST, false, &plan->operands[0]) ||
+             MakeOperand(s, pd, dnnl_query_weights_md, w, DNNL_ARG_WEIGHTS, false, &plan->operands[1]) ||
+             MakeOperand(s, pd, dnnl_query_diff_src_md, x, DNNL_ARG_DIFF_SRC, true, &plan->operands[2]);
+  } else {
+    failed = api.convolution_backward_weights_primitive_desc_create(&pd, s->engine, dnnl_convolution_direct, any_x,
+                                                                     any_w, nullptr, any_y, strides, dilates, padding,
+                                                                     padding, forward, nullptr) != dnnl_success ||
+             MakeOperand(s, pd, dnnl_query_diff_dst_md, y, DNNL_ARG_DIFF_DST, false, &plan->operands[0]) ||
+             MakeOperand(s, pd, dnnl_query_src_md, x, DNNL_ARG_SRC, false, &plan->operands[1]) ||
+             MakeOperand(s, pd, dnnl_query_diff_weights_md, w, DNNL_ARG_DIFF_WEIGHTS, true, &plan->operands[2]);
+  }
+  if (!failed && api.primitive_create(&plan->conv, pd) != dnnl_success) failed = 1;
+  // The chosen descriptors belong to pd; keep copies that outlive it.
+  for (auto &op : plan->operands) {
+    if (op.chosen == nullptr) continue;
+    dnnl_memory_desc_t copy = nullptr;
+    if (api.memory_desc_clone(&copy, op.chosen) != dnnl_success) failed = 1;
+    op.chosen = copy;
+  }
+  if (forward) api.primitive_desc_destroy(forward);
+  if (pd) api.primitive_desc_destroy(pd);
+  api.memory_desc_destroy(any_x);
+  api.memory_desc_destroy(any_w);
+  api.memory_desc_destroy(any_y);
+  if (failed) std::fprintf(stderr, "cpu_conv: oneDNN has no convolution for these shapes\n");
+  return failed;
+}
+
+// buffers: the operands' plain data in the Plan's order (two inputs, the output).
+int Execute(State *s, Plan *plan, const std::array<void *, 3> &buffers) {
+  std::array<dnnl_memory_t, 3> user{}, inner{};
+  std::array<void *, 3> scratch{};
+  int failed = 0;
+  for (int i = 0; i < 3 && !failed; ++i) {
+    Operand &op = plan->operands[i];
+    failed |= api.memory_create(&user[i], op.plain, s->engine, buffers[i]) != dnnl_success;
+    if (op.reorder == nullptr || failed) {
+      inner[i] = user[i];
+      continue;
+    }
+    size_t size = (api.memory_desc_get_size(op.chosen) + 63) / 64 * 64;
+    scratch[i] = std::aligned_alloc(64, size);
+    failed |= scratch[i] == nullptr ||
+              api.memory_create(&inner[i], op.chosen, s->engine, scratch[i]) != dnnl_success;
+    if (!failed && !op.output) {
+      dnnl_exec_arg_t args[2] = {{DNNL_ARG_FROM, user[i]}, {DNNL_ARG_TO, inner[i]}};
+      failed |= api.primitive_execute(op.reorder, s->stream, 2, args) != dnnl_success;
+    }
+  }
+  if (!failed) {
+    dnnl_exec_arg_t args[3];
+    for (int i = 0; i < 3; ++i) args[i] = {plan->operands[i].arg, inner[i]};
+    failed |= api.primitive_execute(plan->conv, s->stream, 3, args) != dnnl_success;
+  }
+  Operand &out = plan->operands[2];
+  if (!failed && out.reorder != nullptr) {
+    dnnl_exec_arg_t args[2] = {{DNNL_ARG_FROM, inner[2]}, {DNNL_ARG_TO, user[2]}};
+    failed |= api.primitive_execute(out.reorder, s->stream, 2, args) != dnnl_success;
+  }
+  failed |= api.stream_wait(s->stream) != dnnl_success;
+  for (int i = 0; i < 3; ++i) {
+    if (inner[i] != nullptr && inner[i] != user[i]) api.memory_destroy(inner[i]);
+    if (user[i] != nullptr) api.memory_destroy(user[i]);
+    std::free(scratch[i]);
+  }
+  if (failed) std::fprintf(stderr, "cpu_conv: executing a convolution failed\n");
+  return failed;
+}
+
+// The stride that maps `in` to `out` with kernel k and padding p, or 0.
+int64_t StrideOf(int64_t in, int64_t out, int64_t k, int64_t p) {
+  for (int64_t s = 1; s <= 8; ++s) {
+    if (in + 2 * p >= k && (in + 2 * p - k) / s + 1 == out) return s;
+  }
+  return 0;
+}
+
+// x, w, y: the shapes (N, C, H, W), (O, C, K, K), (N, O, OH, OW); buffers in the Plan's operand order.
+int Run(Kind kind, int nparam, int *ndims, const char **dtypes, const int64_t *x, const int64_t *w,
+        const int64_t *y, const std::array<void *, 3> &buffers) {
+  for (int i = 0; i < nparam; ++i) {
+    if (ndims[i] != 4 || std::strcmp(dtypes[i], "float32") != 0) {
+      std::fprintf(stderr, "cpu_conv: float32 NCHW tensors only\n");
+      return 1;
+    }
+  }
+  const int64_t k = w[2], pad = (k - 1) / 2;
+  const int64_t stride = StrideOf(x[2], y[2], k, pad);
+  if (k % 2 == 0 || w[3] != k || x[1] != w[1] || y[1] != w[0] || x[0] != y[0] || stride == 0 ||
+      StrideOf(x[3], y[3], k, pad) != stride) {
+    std::fprintf(stderr, "cpu_conv: shapes are not those of one odd-kernel convolution with padding (k-1)/2\n");
+    return 1;
+  }
+  State *s = Global();
+  if (s->engine == nullptr) {
+    std::fprintf(stderr, "cpu_conv: oneDNN could not be set up\n");
+    return 1;
+  }
+  std::lock_guard<std::mutex> lock(s->mutex);
+  std::array<int64_t, 10> key = {kind, x[0], x[1], x[2], x[3], w[0], k, y[2], y[3], stride};
+  auto found = s->plans.find(key);
+  if (found == s->plans.end()) {
+    Plan plan;
+    dnnl_dims_t dx = {x[0], x[1], x[2], x[3]}, dw = {w[0], w[1], w[2], w[3]}, dy = {y[0], y[1], y[2], y[3]};
+    if (Build(s, kind, dx, dw, dy, stride, pad, &plan)) return 1;
+    found = s->plans.emplace(key, plan).first;
+  }
+  return Execute(s, &found->second, buffers);
+}
+
+int WrongCount(int got, int expected) {
+  std::fprintf(stderr, "cpu_conv: %d tensors instead of %d\n", got, expected);
+  return 1;
+}
+
+}  // namespace
+
+// y = conv(x, w): params x, w, y.
+extern "C" int ConvForward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *,
+                           void *) {
+  if (nparam != 3) return WrongCount(nparam, 3);
+  return Run(kForward, nparam, ndims, dtypes, shapes[0], shapes[1], shapes[2], {params[0], params[1], params[2]});
+}
+
+// dx, the gradient of conv(x, w) with respect to x: params dy, w, x (for its shape only), dx.
+extern "C" int ConvBackwardData(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *,
+                                void *) {
+  if (nparam != 4) return WrongCount(nparam, 4);
+  return Run(kBackwardData, nparam, ndims, dtypes, shapes[2], shapes[1], shapes[0], {params[0], params[1], params[3]});
+}
+
+// dw, the gradient of conv(x, w) with respect to w: params dy, x, w (for its shape only), dw.
+extern "C" int ConvBackwardWeights(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                                   void *, void *) {
+  if (nparam != 4) return WrongCount(nparam, 4);
+  return Run(kBackwardWeights, nparam, ndims, dtypes, shapes[1], shapes[2], shapes[0],
+             {params[0], params[1], params[3]});
+}

@@ -1,0 +1,190 @@
+"""Convolutions for training on the CPU through oneDNN's blocked layouts (the operators of cpu_conv.cc).
+
+MindSpore's CPU Conv2D and its two gradients hand oneDNN plain NCHW tensors, on which oneDNN runs
+im2col + GEMM; left free to choose the memory layout, the same library runs direct kernels on
+blocked layouts, as PyTorch has it do (bench/README.md: `profile_step.py --onednn`). `Conv2d` is
+nn.Conv2d (the same parameter, so checkpoints, imports and exports are unchanged) whose training
+graph on the CPU runs cpu_conv.cc's forward, input-gradient and weight-gradient operators instead.
+Inference, export, other devices, float16 inputs and convolutions those operators do not cover
+(groups, dilation, bias, even kernels, other paddings) keep MindSpore's operator, and so does
+everything when the library cannot be built (no C++ compiler or no oneDNN headers, which
+`make install` puts into the environment): a warning says so once.
+
+The library is compiled once per source, headers and oneDNN library into a cache folder
+($ARCFACE_CACHE_DIR, else $XDG_CACHE_HOME/arcface-mindspore or ~/.cache/arcface-mindspore), under
+a name carrying the hash of what it was built from, beside the hash of its own bytes, which is
+checked before every reuse. ARCFACE_CPU_CONV=0 turns the operators off.
+"""
+import contextlib
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import mindspore as ms
+from mindspore import nn, ops
+
+from src.files import atomic_write
+
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_conv.cc")
+_log = logging.getLogger(__name__)
+
+
+def cache_folder():
+    if os.environ.get("ARCFACE_CACHE_DIR"):
+        return os.environ["ARCFACE_CACHE_DIR"]
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "arcface-mindspore")
+
+
+def _onednn_library():
+    """MindSpore's own oneDNN shared library, which the operators must share with it."""
+    path = os.path.join(os.path.dirname(ms.__file__), "lib", "libdnnl.so.3")
+    return path if os.path.isfile(path) else None
+
+
+def _onednn_headers():
+    for prefix in (sys.prefix, sys.base_prefix, "/usr/local", "/usr"):
+        folder = os.path.join(prefix, "include")
+        if os.path.isfile(os.path.join(folder, "oneapi", "dnnl", "dnnl.h")):
+            return folder
+    return None
+
+
+def _sha256(data):
+    return hashlib.sha256(data).hexdigest()
+
+
+@functools.cache
+def library():
+    """Path of the built operators' library, or None (the reason logged once as a warning)."""
+    if os.environ.get("ARCFACE_CPU_CONV", "1") == "0":
+        return None
+    try:
+        return _build()
+    except (OSError, subprocess.SubprocessError, RuntimeError) as exc:
+        _log.warning("training convolutions run on MindSpore's CPU kernels (slower): %s", exc)
+        return None
+
+
+def _build():
+    dnnl, headers = _onednn_library(), _onednn_headers()
+    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if dnnl is None:
+        raise RuntimeError("this MindSpore has no lib/libdnnl.so.3")
+    if headers is None:
+        raise RuntimeError("no oneDNN headers (`make install` installs them: pip install --no-deps onednn-devel)")
+    if compiler is None:
+        raise RuntimeError("no C++ compiler (g++)")
+    with open(SOURCE, "rb") as fh:
+        source = fh.read()  # read once: the hash and the build both use these bytes
+    with open(os.path.join(headers, "oneapi", "dnnl", "dnnl_version.h"), "rb") as fh:
+        version = fh.read()
+    stat = os.stat(dnnl)
+    identity = b"\0".join([source, version, os.path.realpath(dnnl).encode(), str(stat.st_size).encode(),
+                           str(stat.st_mtime_ns).encode(), compiler.encode()])
+    folder = cache_folder()
+    built = os.path.join(folder, f"cpu_conv-{_sha256(identity)[:24]}.so")
+    if _verified(built) and _verified(built[:-len(".so")] + "-onednn.so"):
+        return built
+    white_list = os.environ.get("MS_CUSTOM_AOT_WHITE_LIST")
+    if white_list and os.path.commonpath([os.path.realpath(built), os.path.realpath(white_list)]) != \
+            os.path.realpath(white_list):
+        raise RuntimeError(f"MS_CUSTOM_AOT_WHITE_LIST ({white_list}) does not include {folder}")
+    with open(dnnl, "rb") as fh:
+        onednn = fh.read()
+    # A private copy of MindSpore's oneDNN: opened by the operators as a second instance of the library.
+    copy = built[:-len(".so")] + "-onednn.so"
+    if not _verified(copy):
+        atomic_write(copy, onednn)
+        atomic_write(copy + ".sha256", _sha256(onednn))
+    with tempfile.TemporaryDirectory() as scratch:
+        src, out = os.path.join(scratch, "cpu_conv.cc"), os.path.join(scratch, "cpu_conv.so")
+        with open(src, "wb") as fh:
+            fh.write(source)
+        done = subprocess.run([compiler, "-O2", "-std=c++17", "-shared", "-fPIC", "-I", headers,
+                               f'-DONEDNN_COPY="{copy}"', "-DONEDNN_ISA=dnnl_cpu_isa_default", src, "-o", out, "-ldl",
+                               # MindSpore closes a kernel's library with its graph; the pool's threads and
+                               # the oneDNN state must outlive that
+                               "-Wl,-z,nodelete"],
+                              capture_output=True, text=True, timeout=600)
+        if done.returncode != 0:
+            raise RuntimeError(f"compiling {SOURCE} failed:\n{done.stderr[-2000:]}")
+        with open(out, "rb") as fh:
+            binary = fh.read()
+    atomic_write(built, binary)
+    atomic_write(built + ".sha256", _sha256(binary))
+    stem = os.path.basename(built)[:-len(".so")]
+    for name in os.listdir(folder):  # builds for another source or oneDNN (58 MB each with the copy)
+        if name.startswith("cpu_conv-") and not name.startswith(stem):
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(folder, name))
+    _log.info("built the CPU training convolutions: %s", built)
+    return built
+
+
+def _verified(path):
+    """True when `path` exists and its bytes hash to the value recorded when it was built."""
+    try:
+        with open(path, "rb") as fh, open(path + ".sha256", encoding="ascii") as record:
+            return _sha256(fh.read()) == record.read().strip()
+    except OSError:
+        return False
+
+
+class _OneDNNConvolution(nn.Cell):
+    """(x, w) -> conv(x, w) with padding (k - 1) / 2 and `stride`, and its two gradients, by the
+    operators of cpu_conv.cc."""
+
+    def __init__(self, path, kernel, stride):
+        super().__init__()
+        pad = (kernel - 1) // 2
+
+        def out_shape(x, w):
+            return [x[0], w[0], (x[2] + 2 * pad - kernel) // stride + 1, (x[3] + 2 * pad - kernel) // stride + 1]
+
+        def like_third(a, b, c):
+            return c
+        self.forward = ops.Custom(f"{path}:ConvForward", out_shape=out_shape, out_dtype=lambda x, w: x,
+                                  func_type="aot")
+        self.input_gradient = ops.Custom(f"{path}:ConvBackwardData", out_shape=like_third, out_dtype=like_third,
+                                         func_type="aot")
+        self.weight_gradient = ops.Custom(f"{path}:ConvBackwardWeights", out_shape=like_third,
+                                          out_dtype=like_third, func_type="aot")
+
+    def construct(self, x, w):
+        return self.forward(x, w)
+
+    def bprop(self, x, w, out, dout):
+        return self.input_gradient(dout, w, x), self.weight_gradient(dout, x, w)
+
+
+class Conv2d(nn.Conv2d):
+    """nn.Conv2d whose float32 training graph on the CPU runs oneDNN's blocked-layout kernels."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.onednn = None
+        kernel, stride = self.kernel_size, self.stride
+        pad = (kernel[0] - 1) // 2
+        if self.pad_mode == "pad":
+            padding = self.padding if isinstance(self.padding, tuple) else (self.padding,) * 4
+            padded_alike = tuple(padding) == (pad,) * 4
+        else:
+            padded_alike = self.pad_mode == "valid" and pad == 0
+        covered = (padded_alike and kernel[0] == kernel[1] and kernel[0] % 2 == 1 and stride[0] == stride[1]
+                   and self.group == 1 and tuple(self.dilation) == (1, 1) and not self.has_bias)
+        if covered and ms.get_context("device_target") == "CPU":
+            path = library()
+            if path:
+                self.onednn = _OneDNNConvolution(path, kernel[0], stride[0])
+        self.use_onednn = self.onednn is not None
+
+    def construct(self, x):
+        if self.use_onednn and self.training and x.dtype == ms.float32:
+            return self.onednn(x, self.weight)
+        return self.conv2d(x, self.weight)

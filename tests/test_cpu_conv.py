@@ -1,0 +1,163 @@
+"""src.models.cpu_conv: the CPU training convolutions (oneDNN, blocked layouts) against MindSpore's own,
+in values and gradients, alone and in whole training steps; what they do not cover; the build cache."""
+import logging
+import os
+
+import mindspore as ms
+import numpy as np
+import pytest
+from mindspore import nn, ops
+
+from src.models import cpu_conv
+
+
+@pytest.fixture
+def graph():
+    ms.set_context(mode=ms.GRAPH_MODE)
+    yield
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+
+
+def test_library_builds_here():
+    """`make install` provides what the build needs (oneDNN headers; g++ and MindSpore's oneDNN are there)."""
+    assert cpu_conv.library() is not None, "see the warning logged by src.models.cpu_conv"
+
+
+class _Grad(nn.Cell):
+    def __init__(self, cell):
+        super().__init__()
+        self.cell, self.weights = cell, ms.ParameterTuple(cell.trainable_params())
+        self.grad = ops.GradOperation(get_all=True, get_by_list=True, sens_param=True)
+
+    def construct(self, x, sens):
+        return self.cell(x), self.grad(self.cell, self.weights)(x, sens)
+
+
+# (batch, in, out, height, width, kernel, stride, padding): the stem, blocks, strided blocks on odd
+# sizes, the 1x1 downsample, a single image, a one-pixel map.
+CASES = [(2, 3, 8, 12, 12, 3, 1, 1), (2, 8, 16, 12, 10, 3, 1, 1), (3, 8, 16, 13, 11, 3, 2, 1),
+         (2, 8, 16, 13, 12, 1, 2, 0), (1, 16, 8, 7, 7, 3, 1, 1), (2, 4, 4, 1, 1, 3, 1, 1), (2, 4, 6, 9, 9, 5, 2, 2)]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_values_and_gradients_equal_mindspore(graph, case):
+    n, c, o, h, w, k, stride, pad = case
+    kwargs = dict(stride=stride, has_bias=False, **({"pad_mode": "pad", "padding": pad} if pad else
+                                                     {"pad_mode": "valid"}))
+    ours, theirs = cpu_conv.Conv2d(c, o, k, **kwargs), nn.Conv2d(c, o, k, **kwargs)
+    assert ours.use_onednn
+    assert [p.name for p in ours.get_parameters()] == [p.name for p in theirs.get_parameters()]
+    rng = np.random.RandomState(sum(case))
+    weight = rng.normal(size=(o, c, k, k)).astype(np.float32)
+    for cell in (ours, theirs):
+        cell.weight.set_data(ms.Tensor(weight))
+        cell.set_train(True)
+    x = rng.normal(size=(n, c, h, w)).astype(np.float32)
+    oh, ow = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
+    dy = rng.normal(size=(n, o, oh, ow)).astype(np.float32)
+    (y1, ((dx1,), (dw1,))), (y2, ((dx2,), (dw2,))) = (_Grad(cell)(ms.Tensor(x), ms.Tensor(dy))
+                                                      for cell in (ours, theirs))
+    assert y1.shape == y2.shape == (n, o, oh, ow)
+    for a, b in ((y1, y2), (dx1, dx2), (dw1, dw2)):
+        a, b = a.asnumpy(), b.asnumpy()
+        assert np.abs(a - b).max() <= 2e-6 * np.abs(b).max(), np.abs(a - b).max() / np.abs(b).max()
+    # and against the definition, for the weights' gradient
+    padded = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+    expected = np.zeros_like(weight)
+    for i in range(k):
+        for j in range(k):
+            window = padded[:, :, i:i + stride * (oh - 1) + 1:stride, j:j + stride * (ow - 1) + 1:stride]
+            expected[:, :, i, j] = np.einsum("nchw,nohw->oc", window, dy)
+    np.testing.assert_allclose(dw1.asnumpy(), expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
+def test_inference_and_uncovered_convolutions_keep_mindspore(graph):
+    """Inference runs MindSpore's operator (so every export does); groups, bias, dilation, other
+    paddings and even kernels are not the operators' and stay MindSpore's in training too."""
+    assert not cpu_conv.Conv2d(4, 4, 3, pad_mode="pad", padding=1, group=2).use_onednn
+    assert not cpu_conv.Conv2d(4, 4, 3, pad_mode="pad", padding=1, has_bias=True).use_onednn
+    assert not cpu_conv.Conv2d(4, 4, 3, pad_mode="pad", padding=2, dilation=2).use_onednn
+    assert not cpu_conv.Conv2d(4, 4, 3, pad_mode="same").use_onednn
+    assert not cpu_conv.Conv2d(4, 4, 3, pad_mode="pad", padding=(1, 1, 0, 0)).use_onednn
+    assert not cpu_conv.Conv2d(4, 4, 2, pad_mode="valid").use_onednn
+    assert not cpu_conv.Conv2d(4, 4, 3, pad_mode="valid").use_onednn
+    conv = cpu_conv.Conv2d(4, 4, 3, pad_mode="pad", padding=1)
+    assert conv.use_onednn
+    conv.set_train(False)
+    x = ms.Tensor(np.random.RandomState(0).normal(size=(1, 4, 5, 5)).astype(np.float32))
+    np.testing.assert_array_equal(conv(x).asnumpy(), ops.conv2d(x, conv.weight, pad_mode="pad", padding=1).asnumpy())
+
+
+def _train_losses(initial=None, steps=4):
+    """(convolutions on the operators, losses of `steps` SGD steps, the initial weights) of an r18 (width
+    8) starting from `initial` when given."""
+    from src.config import TrainConfig
+    from src.training.lr_schedule import LRSchedule
+    from src.training.trainer import build_network, build_step
+
+    cfg = TrainConfig(network="r18", width=8, seed=5)
+    net = build_network(cfg, 20)
+    if initial is not None:
+        ms.load_param_into_net(net, {k: ms.Parameter(v, name=k) for k, v in initial.items()}, strict_load=True)
+    weights = {p.name: ms.Tensor(p.asnumpy().copy()) for p in net.get_parameters()}
+    step = build_step(cfg, net, LRSchedule.constant(0.02), fp16=False)
+    step.set_train(True)
+    rng = np.random.RandomState(1)
+    x = ms.Tensor(rng.uniform(-1, 1, (4, 3, 112, 112)).astype(np.float32))
+    y = ms.Tensor(rng.randint(0, 20, 4).astype(np.int32))
+    used = sum(1 for _, cell in net.cells_and_names() if getattr(cell, "use_onednn", False))
+    return used, [float(step(x, y)[0].asnumpy()) for _ in range(steps)], weights
+
+
+def test_training_steps_equal_mindspore_convolutions(graph, monkeypatch):
+    """Four SGD steps (lr 0.02) of an r18 (width 8) from the same weights with the operators and without
+    them: the same falling losses."""
+    used, ours, initial = _train_losses()
+    monkeypatch.setattr(cpu_conv, "library", lambda: None)
+    unused, theirs, _ = _train_losses(initial)
+    assert (used, unused) == (21, 0)
+    assert ours[-1] < ours[0]
+    np.testing.assert_allclose(ours, theirs, rtol=1e-5)
+
+
+def test_switch_and_missing_headers_fall_back_with_a_warning(monkeypatch, caplog):
+    cpu_conv.library.cache_clear()
+    try:
+        monkeypatch.setenv("ARCFACE_CPU_CONV", "0")
+        assert cpu_conv.library() is None
+        cpu_conv.library.cache_clear()
+        monkeypatch.delenv("ARCFACE_CPU_CONV")
+        monkeypatch.setattr(cpu_conv, "_onednn_headers", lambda: None)
+        with caplog.at_level(logging.WARNING, logger="src.models.cpu_conv"):
+            assert cpu_conv.library() is None
+            assert not cpu_conv.Conv2d(4, 4, 3, pad_mode="pad", padding=1).use_onednn
+        assert "no oneDNN headers" in caplog.text and "make install" in caplog.text
+    finally:
+        cpu_conv.library.cache_clear()
+
+
+def test_cache_is_verified_before_reuse(monkeypatch, tmp_path):
+    """A library or oneDNN copy whose bytes changed after the build is rebuilt, not loaded."""
+    monkeypatch.setenv("ARCFACE_CACHE_DIR", str(tmp_path))
+    built = cpu_conv._build()
+    copy = built[:-len(".so")] + "-onednn.so"
+    assert os.path.dirname(built) == str(tmp_path) and cpu_conv._verified(built) and cpu_conv._verified(copy)
+    stamp = os.stat(built).st_mtime_ns
+    assert cpu_conv._build() == built and os.stat(built).st_mtime_ns == stamp  # reused as it is
+    for path in (built, copy):
+        with open(path, "r+b") as fh:
+            fh.seek(100)
+            fh.write(b"\xcc\xcc")
+        assert not cpu_conv._verified(path)
+        assert cpu_conv._build() == built
+        assert cpu_conv._verified(path)
+    # a source edited after the build gets a library of its own, and the stale one is removed
+    monkeypatch.setattr(cpu_conv, "SOURCE", str(tmp_path / "edited.cc"))
+    with open(cpu_conv.SOURCE, "wb") as fh, open(os.path.join(os.path.dirname(cpu_conv.__file__), "cpu_conv.cc"),
+                                                 "rb") as original:
+        fh.write(original.read() + b"\n// edited\n")
+    rebuilt = cpu_conv._build()
+    assert rebuilt != built and cpu_conv._verified(rebuilt)
+    stem = os.path.basename(rebuilt)[:-len(".so")]
+    expected = ["edited.cc"] + [stem + suffix for suffix in (".so", ".so.sha256", "-onednn.so", "-onednn.so.sha256")]
+    assert sorted(os.listdir(tmp_path)) == sorted(expected)
