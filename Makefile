@@ -20,7 +20,7 @@ install: $(STAMP)
 $(STAMP): requirements.txt Makefile
 	@test -x $(PYTHON) || $(PYTHON_BOOTSTRAP) -m venv $(VENV)
 	$(PYTHON) -m pip install --disable-pip-version-check -q -r requirements.txt
-	# oneDNN's C headers alone (no library: the CPU training convolutions of src/models/cpu_conv.py use
+	# oneDNN's C headers alone (no library: the CPU training convolutions of src/models/cpu_ops.py use
 	# MindSpore's own oneDNN); --no-deps keeps the package's runtime out
 	$(PYTHON) -m pip install --disable-pip-version-check -q --no-deps $(ONEDNN_HEADERS)
 	@touch $(STAMP)

@@ -154,14 +154,20 @@ def test_dropout_is_used(pynative):
     assert isinstance(get_backbone("r18").dropout, nn.Identity)
 
 
+@pytest.mark.parametrize("kernels", ["onednn", "slopes"])
 @pytest.mark.parametrize("mode", ["graph", "pynative"])
-def test_prelu_rewrite_equals_mindspore_prelu(mode):
-    """The backbones' PReLU (training: relu + depthwise 1x1 convolution on CPU) gives nn.PReLU's values
-    and gradients in x and w, on inputs holding +0, -0, values of both signs and negative slopes;
-    in inference it is the PReLU operator itself. Same parameter name, so checkpoints load."""
+def test_prelu_rewrite_equals_mindspore_prelu(mode, kernels, monkeypatch):
+    """The backbones' PReLU (training on CPU: oneDNN's PReLU, or without that library relu + a
+    depthwise 1x1 convolution) gives nn.PReLU's values and gradients in x and w, on inputs holding +0,
+    -0, values of both signs and negative slopes; in inference it is the PReLU operator itself. Same
+    parameter name, so checkpoints load."""
     from mindspore import ops
 
+    from src.models import cpu_ops
     from src.models.iresnet import PReLU
+
+    if kernels == "slopes":
+        monkeypatch.setattr(cpu_ops, "library", lambda: None)
 
     ms.set_context(mode=ms.GRAPH_MODE if mode == "graph" else ms.PYNATIVE_MODE)
     try:
@@ -173,6 +179,7 @@ def test_prelu_rewrite_equals_mindspore_prelu(mode):
         slopes = np.array([0.25, -0.5, 0.0, 1.7], np.float32)
         dy = rng.normal(size=x.shape).astype(np.float32)
         ours, theirs = PReLU(4), nn.PReLU(4)
+        assert ours.use_onednn == (kernels == "onednn")
         assert [p.name for p in ours.get_parameters()] == [p.name for p in theirs.get_parameters()]
         for cell in (ours, theirs):
             cell.w.set_data(ms.Tensor(slopes))

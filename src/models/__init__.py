@@ -3,8 +3,8 @@
 All take 112x112 RGB crops as float32 NCHW tensors normalised to [-1, 1] and return unnormalised
 float32 embeddings of size `num_features`. Names are checked here without importing MindSpore.
 `backbone_from_checkpoint` rebuilds the backbone a checkpoint records (evaluation and export).
-`cpu_conv` runs the IResNets' float32 training convolutions on the CPU through oneDNN's blocked layouts.
-May import: src.errors, src.checkpoint, src.files (cpu_conv's build cache).
+`cpu_ops` runs the IResNets' float32 training convolutions on the CPU through oneDNN's blocked layouts.
+May import: src.errors, src.checkpoint, src.files (cpu_ops's build cache).
 """
 import re
 

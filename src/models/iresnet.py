@@ -21,7 +21,8 @@ from mindspore import nn, ops
 from mindspore.common.initializer import HeNormal, Normal, Zero
 from mindspore.ops.operations import _grad_ops
 
-from src.models.cpu_conv import Conv2d
+from src.models import cpu_ops
+from src.models.cpu_ops import Conv2d
 
 BN_EPS = 1e-5
 # MindSpore's momentum weights the running statistic (PyTorch momentum 0.1 <=> 0.9 here).
@@ -49,7 +50,7 @@ def conv_init() -> HeNormal:
 def conv2d(in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
            padding: int = 0, group: int = 1) -> nn.Conv2d:
     """Bias-free convolution with explicit symmetric zero padding (matches PyTorch striding); in
-    float32 training on the CPU it runs oneDNN's blocked-layout kernels (src/models/cpu_conv.py)."""
+    float32 training on the CPU it runs oneDNN's blocked-layout kernels (src/models/cpu_ops.py)."""
     if padding:
         pad_kwargs = {"pad_mode": "pad", "padding": padding}
     else:
@@ -105,9 +106,11 @@ class PReLU(nn.PReLU):
 
     MindSpore's CPU PReLU and PReLUGrad kernels compute a channel index with an integer division per
     element and branch on its sign (a data-dependent speed); broadcasting the slope over NCHW is slow
-    too. In training on CPU this cell computes the same function with relu, element-wise arithmetic
-    and a depthwise 1x1 convolution (`_ChannelSlopes`): forward + backward take about half the time
-    of PReLU + PReLUGrad, and the r50 step's peak memory is the PReLU operator's (bench/README.md).
+    too. In float32 training on CPU this cell runs oneDNN's PReLU (src/models/cpu_ops.py), one pass
+    over the tensor each way; without that library, and in float16, it computes the same function with
+    relu, element-wise arithmetic and a depthwise 1x1 convolution (`_ChannelSlopes`): forward +
+    backward take about half the time of PReLU + PReLUGrad, and the r50 step's peak memory is the
+    PReLU operator's (bench/README.md).
     Inference (and so every export) keeps the PReLU operator, and so do other devices (the device
     chosen when the cell is built), whose kernels are not these.
     """
@@ -117,10 +120,15 @@ class PReLU(nn.PReLU):
         self.channels = channel
         self.rewrite = ms.get_context("device_target") == "CPU"
         self.slopes = _ChannelSlopes(channel)
+        path = cpu_ops.library() if self.rewrite else None
+        self.onednn = cpu_ops.OneDNNPReLU(path) if path else None
+        self.use_onednn = self.onednn is not None
 
     def construct(self, x):
         w = ops.cast(self.w, x.dtype)
         if self.rewrite and self.training and x.ndim == 4 and x.shape[1] == self.channels:
+            if self.use_onednn and x.dtype == ms.float32:
+                return self.onednn(x, w)
             return self.slopes(x, w)
         return self.prelu(x, w)
 

@@ -1,10 +1,17 @@
-"""Convolutions for training on the CPU through oneDNN's blocked layouts (the operators of cpu_conv.cc).
+"""Convolutions and PReLU for training on the CPU through oneDNN (the operators of cpu_ops.cc).
 
 MindSpore's CPU Conv2D and its two gradients hand oneDNN plain NCHW tensors, on which oneDNN runs
 im2col + GEMM; left free to choose the memory layout, the same library runs direct kernels on
-blocked layouts, as PyTorch has it do (bench/README.md: `profile_step.py --onednn`). `Conv2d` is
+blocked layouts, as PyTorch has it do (bench/README.md: `profile_step.py --onednn`). The operators
+run on a private copy of MindSpore's oneDNN library, a second instance of it with its own limit on
+instruction sets: theirs uses all the CPU has (AVX-512 where present), while MindSpore's instance
+stays at AVX2 (src/runtime.py: above it, its plain-layout convolutions fall back to reference
+code). `Conv2d` is
 nn.Conv2d (the same parameter, so checkpoints, imports and exports are unchanged) whose training
-graph on the CPU runs cpu_conv.cc's forward, input-gradient and weight-gradient operators instead.
+graph on the CPU runs cpu_ops.cc's forward, input-gradient and weight-gradient operators instead.
+`OneDNNPReLU` is the backbones' training PReLU on the CPU (src/models/iresnet.py): oneDNN's PReLU
+reads and writes each tensor once per pass, where the same arithmetic from MindSpore's element-wise
+kernels takes several passes over tensors of the activation's size.
 Inference, export, other devices, float16 inputs and convolutions those operators do not cover
 (groups, dilation, bias, even kernels, other paddings) keep MindSpore's operator, and so does
 everything when the library cannot be built (no C++ compiler or no oneDNN headers, which
@@ -13,7 +20,7 @@ everything when the library cannot be built (no C++ compiler or no oneDNN header
 The library is compiled once per source, headers and oneDNN library into a cache folder
 ($ARCFACE_CACHE_DIR, else $XDG_CACHE_HOME/arcface-mindspore or ~/.cache/arcface-mindspore), under
 a name carrying the hash of what it was built from, beside the hash of its own bytes, which is
-checked before every reuse. ARCFACE_CPU_CONV=0 turns the operators off.
+checked before every reuse. ARCFACE_CPU_OPS=0 turns the operators off.
 """
 import contextlib
 import functools
@@ -28,9 +35,10 @@ import tempfile
 import mindspore as ms
 from mindspore import nn, ops
 
+from src.errors import ArcFaceError
 from src.files import atomic_write
 
-SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_conv.cc")
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_ops.cc")
 _log = logging.getLogger(__name__)
 
 
@@ -42,7 +50,7 @@ def cache_folder():
 
 
 def _onednn_library():
-    """MindSpore's own oneDNN shared library, which the operators must share with it."""
+    """MindSpore's oneDNN library: the operators run a copy of it (the version MindSpore was built with)."""
     path = os.path.join(os.path.dirname(ms.__file__), "lib", "libdnnl.so.3")
     return path if os.path.isfile(path) else None
 
@@ -62,11 +70,11 @@ def _sha256(data):
 @functools.cache
 def library():
     """Path of the built operators' library, or None (the reason logged once as a warning)."""
-    if os.environ.get("ARCFACE_CPU_CONV", "1") == "0":
+    if os.environ.get("ARCFACE_CPU_OPS", "1") == "0":
         return None
     try:
         return _build()
-    except (OSError, subprocess.SubprocessError, RuntimeError) as exc:
+    except (OSError, subprocess.SubprocessError, RuntimeError, ArcFaceError) as exc:
         _log.warning("training convolutions run on MindSpore's CPU kernels (slower): %s", exc)
         return None
 
@@ -88,7 +96,7 @@ def _build():
     identity = b"\0".join([source, version, os.path.realpath(dnnl).encode(), str(stat.st_size).encode(),
                            str(stat.st_mtime_ns).encode(), compiler.encode()])
     folder = cache_folder()
-    built = os.path.join(folder, f"cpu_conv-{_sha256(identity)[:24]}.so")
+    built = os.path.join(folder, f"cpu_ops-{_sha256(identity)[:24]}.so")
     if _verified(built) and _verified(built[:-len(".so")] + "-onednn.so"):
         return built
     white_list = os.environ.get("MS_CUSTOM_AOT_WHITE_LIST")
@@ -103,7 +111,7 @@ def _build():
         atomic_write(copy, onednn)
         atomic_write(copy + ".sha256", _sha256(onednn))
     with tempfile.TemporaryDirectory() as scratch:
-        src, out = os.path.join(scratch, "cpu_conv.cc"), os.path.join(scratch, "cpu_conv.so")
+        src, out = os.path.join(scratch, "cpu_ops.cc"), os.path.join(scratch, "cpu_ops.so")
         with open(src, "wb") as fh:
             fh.write(source)
         done = subprocess.run([compiler, "-O2", "-std=c++17", "-shared", "-fPIC", "-I", headers,
@@ -120,7 +128,7 @@ def _build():
     atomic_write(built + ".sha256", _sha256(binary))
     stem = os.path.basename(built)[:-len(".so")]
     for name in os.listdir(folder):  # builds for another source or oneDNN (58 MB each with the copy)
-        if name.startswith("cpu_conv-") and not name.startswith(stem):
+        if name.startswith("cpu_ops-") and not name.startswith(stem):
             with contextlib.suppress(OSError):
                 os.remove(os.path.join(folder, name))
     _log.info("built the CPU training convolutions: %s", built)
@@ -138,7 +146,7 @@ def _verified(path):
 
 class _OneDNNConvolution(nn.Cell):
     """(x, w) -> conv(x, w) with padding (k - 1) / 2 and `stride`, and its two gradients, by the
-    operators of cpu_conv.cc."""
+    operators of cpu_ops.cc."""
 
     def __init__(self, path, kernel, stride):
         super().__init__()
@@ -188,3 +196,22 @@ class Conv2d(nn.Conv2d):
         if self.use_onednn and self.training and x.dtype == ms.float32:
             return self.onednn(x, self.weight)
         return self.conv2d(x, self.weight)
+
+
+class OneDNNPReLU(nn.Cell):
+    """(x (N, C, H, W) float32, w (C,)) -> PReLU(x, w) and its gradients by oneDNN's PReLU kernels:
+    y = x where x > 0 else w x; dx = dy where x > 0 else w dy; dw = the sum of dy x over x <= 0."""
+
+    def __init__(self, path):
+        super().__init__()
+        self.forward = ops.Custom(f"{path}:PreluForward", out_shape=lambda x, w: x, out_dtype=lambda x, w: x,
+                                  func_type="aot")
+        self.backward = ops.Custom(f"{path}:PreluBackward", out_shape=lambda x, w, dy: (x, w),
+                                   out_dtype=lambda x, w, dy: (x, w), func_type="aot")
+
+    def construct(self, x, w):
+        return self.forward(x, w)
+
+    def bprop(self, x, w, out, dout):
+        dx, dw = self.backward(x, w, dout)
+        return dx, dw

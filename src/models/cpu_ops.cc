@@ -2,11 +2,13 @@
 //
 // MindSpore's CPU Conv2D kernels hand oneDNN plain NCHW tensors, for which oneDNN runs an im2col +
 // GEMM implementation; left free to choose the layout ("any"), it runs its direct kernels on blocked
-// layouts, which take less time per convolution on the same cores (bench/README.md). The three
-// functions below are MindSpore "aot" custom operators of a bias-free 2-D convolution with symmetric
-// zero padding (k - 1) / 2 and the stride implied by the shapes: the forward pass, the gradient of the
-// input and the gradient of the weights. They take and return plain NCHW / OIHW float32 tensors and
-// reorder to and from the blocked layouts inside. Built by src/models/cpu_conv.py against the oneDNN
+// layouts, which take less time per convolution on the same cores (bench/README.md). The functions
+// at the end are MindSpore "aot" custom operators: a bias-free 2-D convolution with symmetric zero
+// padding (k - 1) / 2 and the stride implied by the shapes (the forward pass, the gradient of the input,
+// the gradient of the weights), and PReLU with one slope per channel (forward, gradients) in one pass
+// over the tensor where the same arithmetic in MindSpore's element-wise kernels takes several. They
+// take and return plain NCHW / OIHW float32 tensors; the convolutions reorder to and from the blocked
+// layouts inside. Built by src/models/cpu_ops.py against the oneDNN
 // library MindSpore ships, whose CPU runtime is a threadpool: the pool below is ours.
 
 #include <oneapi/dnnl/dnnl.h>
@@ -121,7 +123,7 @@ struct Api {
   X(memory_desc_create_with_tag) X(memory_desc_destroy) X(memory_desc_equal) X(memory_desc_get_size)        \
   X(memory_destroy) X(primitive_create) X(primitive_desc_destroy) X(primitive_desc_query_md)                \
   X(primitive_execute) X(reorder_primitive_desc_create) X(stream_wait) X(threadpool_interop_stream_create) \
-  X(set_max_cpu_isa)
+  X(set_max_cpu_isa) X(prelu_forward_primitive_desc_create) X(prelu_backward_primitive_desc_create)
 #define DECLARE(name) decltype(&::dnnl_##name) name = nullptr;
   ONEDNN_FUNCTIONS(DECLARE)
 #undef DECLARE
@@ -129,13 +131,13 @@ struct Api {
   bool Load() {
     void *handle = dlopen(ONEDNN_COPY, RTLD_NOW | RTLD_LOCAL | RTLD_DEEPBIND);
     if (handle == nullptr) {
-      std::fprintf(stderr, "cpu_conv: cannot open %s: %s\n", ONEDNN_COPY, dlerror());
+      std::fprintf(stderr, "cpu_ops: cannot open %s: %s\n", ONEDNN_COPY, dlerror());
       return false;
     }
 #define RESOLVE(name)                                                                    \
   name = reinterpret_cast<decltype(&::dnnl_##name)>(dlsym(handle, "dnnl_" #name));       \
   if (name == nullptr) {                                                                 \
-    std::fprintf(stderr, "cpu_conv: %s has no dnnl_%s\n", ONEDNN_COPY, #name);           \
+    std::fprintf(stderr, "cpu_ops: %s has no dnnl_%s\n", ONEDNN_COPY, #name);           \
     return false;                                                                        \
   }
     ONEDNN_FUNCTIONS(RESOLVE)
@@ -156,12 +158,12 @@ int CpuCount() {
   do {                                                                           \
     dnnl_status_t status_ = (call);                                              \
     if (status_ != dnnl_success) {                                               \
-      std::fprintf(stderr, "cpu_conv: %s failed (status %d)\n", #call, status_); \
+      std::fprintf(stderr, "cpu_ops: %s failed (status %d)\n", #call, status_); \
       return 1;                                                                  \
     }                                                                            \
   } while (0)
 
-enum Kind { kForward = 0, kBackwardData = 1, kBackwardWeights = 2 };
+enum Kind { kForward = 0, kBackwardData = 1, kBackwardWeights = 2, kPreluForward = 3, kPreluBackward = 4 };
 
 // One tensor of a convolution: its plain layout, the layout the convolution runs on, and the reorder
 // between them (none when they are the same).
@@ -174,16 +176,16 @@ struct Operand {
 };
 
 struct Plan {
-  dnnl_primitive_t conv = nullptr;
-  std::array<Operand, 3> operands;  // the two inputs, then the output
+  dnnl_primitive_t primitive = nullptr;
+  std::vector<Operand> operands;  // the inputs, then the outputs, in the functions' parameter order
 };
 
 struct State {
   dnnl_engine_t engine = nullptr;
   dnnl_stream_t stream = nullptr;
   Pool *pool = nullptr;
-  std::map<std::array<int64_t, 10>, Plan> plans;
-  std::mutex mutex;  // one convolution at a time: they share the pool
+  std::map<std::array<int64_t, 10>, Plan> plans;  // per kind and shapes
+  std::mutex mutex;  // one primitive at a time: they share the pool
 };
 
 State *Global() {
@@ -202,14 +204,17 @@ State *Global() {
   return state;
 }
 
+// Appends to plan->operands the operand `arg` of `pd`, whose plain layout is NCHW / OIHW with `dims`.
 int MakeOperand(State *s, const_dnnl_primitive_desc_t pd, dnnl_query_t query, const dnnl_dims_t dims, int arg,
-                bool output, Operand *op) {
+                bool output, Plan *plan) {
+  plan->operands.emplace_back();
+  Operand *op = &plan->operands.back();
   op->arg = arg;
   op->output = output;
   CHECK(api.memory_desc_create_with_tag(&op->plain, 4, dims, dnnl_f32, dnnl_abcd));
   op->chosen = api.primitive_desc_query_md(pd, query, 0);
   if (op->chosen == nullptr) {
-    std::fprintf(stderr, "cpu_conv: the convolution has no memory descriptor for argument %d\n", arg);
+    std::fprintf(stderr, "cpu_ops: the primitive has no memory descriptor for argument %d\n", arg);
     return 1;
   }
   if (api.memory_desc_equal(op->plain, op->chosen)) return 0;
@@ -239,25 +244,25 @@ int Build(State *s, Kind kind, const dnnl_dims_t x, const dnnl_dims_t w, const d
   } else if (kind == kForward) {
     pd = forward;
     forward = nullptr;
-    failed = MakeOperand(s, pd, dnnl_query_src_md, x, DNNL_ARG_SRC, false, &plan->operands[0]) ||
-             MakeOperand(s, pd, dnnl_query_weights_md, w, DNNL_ARG_WEIGHTS, false, &plan->operands[1]) ||
-             MakeOperand(s, pd, dnnl_query_dst_md, y, DNNL_ARG_DST, true, &plan->operands[2]);
+    failed = MakeOperand(s, pd, dnnl_query_src_md, x, DNNL_ARG_SRC, false, plan) ||
+             MakeOperand(s, pd, dnnl_query_weights_md, w, DNNL_ARG_WEIGHTS, false, plan) ||
+             MakeOperand(s, pd, dnnl_query_dst_md, y, DNNL_ARG_DST, true, plan);
   } else if (kind == kBackwardData) {
     failed = api.convolution_backward_data_primitive_desc_create(&pd, s->engine, dnnl_convolution_direct, any_x,
                                                                   any_w, any_y, strides, dilates, padding, padding,
                                                                   forward, nullptr) != dnnl_success ||
-             MakeOperand(s, pd, dnnl_query_diff_dst_md, y, DNNL_ARG_DIFF_DST, false, &plan->operands[0]) ||
-             MakeOperand(s, pd, dnnl_query_weights_md, w, DNNL_ARG_WEIGHTS, false, &plan->operands[1]) ||
-             MakeOperand(s, pd, dnnl_query_diff_src_md, x, DNNL_ARG_DIFF_SRC, true, &plan->operands[2]);
+             MakeOperand(s, pd, dnnl_query_diff_dst_md, y, DNNL_ARG_DIFF_DST, false, plan) ||
+             MakeOperand(s, pd, dnnl_query_weights_md, w, DNNL_ARG_WEIGHTS, false, plan) ||
+             MakeOperand(s, pd, dnnl_query_diff_src_md, x, DNNL_ARG_DIFF_SRC, true, plan);
   } else {
     failed = api.convolution_backward_weights_primitive_desc_create(&pd, s->engine, dnnl_convolution_direct, any_x,
                                                                      any_w, nullptr, any_y, strides, dilates, padding,
                                                                      padding, forward, nullptr) != dnnl_success ||
-             MakeOperand(s, pd, dnnl_query_diff_dst_md, y, DNNL_ARG_DIFF_DST, false, &plan->operands[0]) ||
-             MakeOperand(s, pd, dnnl_query_src_md, x, DNNL_ARG_SRC, false, &plan->operands[1]) ||
-             MakeOperand(s, pd, dnnl_query_diff_weights_md, w, DNNL_ARG_DIFF_WEIGHTS, true, &plan->operands[2]);
+             MakeOperand(s, pd, dnnl_query_diff_dst_md, y, DNNL_ARG_DIFF_DST, false, plan) ||
+             MakeOperand(s, pd, dnnl_query_src_md, x, DNNL_ARG_SRC, false, plan) ||
+             MakeOperand(s, pd, dnnl_query_diff_weights_md, w, DNNL_ARG_DIFF_WEIGHTS, true, plan);
   }
-  if (!failed && api.primitive_create(&plan->conv, pd) != dnnl_success) failed = 1;
+  if (!failed && api.primitive_create(&plan->primitive, pd) != dnnl_success) failed = 1;
   // The chosen descriptors belong to pd; keep copies that outlive it.
   for (auto &op : plan->operands) {
     if (op.chosen == nullptr) continue;
@@ -270,48 +275,48 @@ int Build(State *s, Kind kind, const dnnl_dims_t x, const dnnl_dims_t w, const d
   api.memory_desc_destroy(any_x);
   api.memory_desc_destroy(any_w);
   api.memory_desc_destroy(any_y);
-  if (failed) std::fprintf(stderr, "cpu_conv: oneDNN has no convolution for these shapes\n");
+  if (failed) std::fprintf(stderr, "cpu_ops: oneDNN has no convolution for these shapes\n");
   return failed;
 }
 
-// buffers: the operands' plain data in the Plan's order (two inputs, the output).
-int Execute(State *s, Plan *plan, const std::array<void *, 3> &buffers) {
-  std::array<dnnl_memory_t, 3> user{}, inner{};
-  std::array<void *, 3> scratch{};
-  int failed = 0;
-  for (int i = 0; i < 3 && !failed; ++i) {
+// buffers: the operands' plain data in the Plan's order.
+int Execute(State *s, Plan *plan, const std::vector<void *> &buffers) {
+  const size_t n = plan->operands.size();
+  std::vector<dnnl_memory_t> user(n, nullptr), inner(n, nullptr);
+  std::vector<void *> scratch(n, nullptr);
+  std::vector<dnnl_exec_arg_t> args(n);
+  int failed = buffers.size() != n;
+  for (size_t i = 0; i < n && !failed; ++i) {
     Operand &op = plan->operands[i];
     failed |= api.memory_create(&user[i], op.plain, s->engine, buffers[i]) != dnnl_success;
-    if (op.reorder == nullptr || failed) {
-      inner[i] = user[i];
-      continue;
-    }
+    inner[i] = user[i];
+    if (op.reorder == nullptr || failed) continue;
     size_t size = (api.memory_desc_get_size(op.chosen) + 63) / 64 * 64;
     scratch[i] = std::aligned_alloc(64, size);
     failed |= scratch[i] == nullptr ||
               api.memory_create(&inner[i], op.chosen, s->engine, scratch[i]) != dnnl_success;
     if (!failed && !op.output) {
-      dnnl_exec_arg_t args[2] = {{DNNL_ARG_FROM, user[i]}, {DNNL_ARG_TO, inner[i]}};
-      failed |= api.primitive_execute(op.reorder, s->stream, 2, args) != dnnl_success;
+      dnnl_exec_arg_t reorder_args[2] = {{DNNL_ARG_FROM, user[i]}, {DNNL_ARG_TO, inner[i]}};
+      failed |= api.primitive_execute(op.reorder, s->stream, 2, reorder_args) != dnnl_success;
     }
   }
   if (!failed) {
-    dnnl_exec_arg_t args[3];
-    for (int i = 0; i < 3; ++i) args[i] = {plan->operands[i].arg, inner[i]};
-    failed |= api.primitive_execute(plan->conv, s->stream, 3, args) != dnnl_success;
+    for (size_t i = 0; i < n; ++i) args[i] = {plan->operands[i].arg, inner[i]};
+    failed |= api.primitive_execute(plan->primitive, s->stream, static_cast<int>(n), args.data()) != dnnl_success;
   }
-  Operand &out = plan->operands[2];
-  if (!failed && out.reorder != nullptr) {
-    dnnl_exec_arg_t args[2] = {{DNNL_ARG_FROM, inner[2]}, {DNNL_ARG_TO, user[2]}};
-    failed |= api.primitive_execute(out.reorder, s->stream, 2, args) != dnnl_success;
+  for (size_t i = 0; i < n && !failed; ++i) {
+    Operand &op = plan->operands[i];
+    if (!op.output || op.reorder == nullptr) continue;
+    dnnl_exec_arg_t reorder_args[2] = {{DNNL_ARG_FROM, inner[i]}, {DNNL_ARG_TO, user[i]}};
+    failed |= api.primitive_execute(op.reorder, s->stream, 2, reorder_args) != dnnl_success;
   }
   failed |= api.stream_wait(s->stream) != dnnl_success;
-  for (int i = 0; i < 3; ++i) {
+  for (size_t i = 0; i < n; ++i) {
     if (inner[i] != nullptr && inner[i] != user[i]) api.memory_destroy(inner[i]);
     if (user[i] != nullptr) api.memory_destroy(user[i]);
     std::free(scratch[i]);
   }
-  if (failed) std::fprintf(stderr, "cpu_conv: executing a convolution failed\n");
+  if (failed) std::fprintf(stderr, "cpu_ops: executing a oneDNN primitive failed\n");
   return failed;
 }
 
@@ -323,12 +328,30 @@ int64_t StrideOf(int64_t in, int64_t out, int64_t k, int64_t p) {
   return 0;
 }
 
+// Executes the plan for `key`, built by `build` the first time.
+int WithPlan(const std::array<int64_t, 10> &key, const std::vector<void *> &buffers,
+             const std::function<int(State *, Plan *)> &build) {
+  State *s = Global();
+  if (s->engine == nullptr) {
+    std::fprintf(stderr, "cpu_ops: oneDNN could not be set up\n");
+    return 1;
+  }
+  std::lock_guard<std::mutex> lock(s->mutex);
+  auto found = s->plans.find(key);
+  if (found == s->plans.end()) {
+    Plan plan;
+    if (build(s, &plan)) return 1;
+    found = s->plans.emplace(key, plan).first;
+  }
+  return Execute(s, &found->second, buffers);
+}
+
 // x, w, y: the shapes (N, C, H, W), (O, C, K, K), (N, O, OH, OW); buffers in the Plan's operand order.
-int Run(Kind kind, int nparam, int *ndims, const char **dtypes, const int64_t *x, const int64_t *w,
-        const int64_t *y, const std::array<void *, 3> &buffers) {
+int RunConv(Kind kind, int nparam, int *ndims, const char **dtypes, const int64_t *x, const int64_t *w,
+        const int64_t *y, const std::vector<void *> &buffers) {
   for (int i = 0; i < nparam; ++i) {
     if (ndims[i] != 4 || std::strcmp(dtypes[i], "float32") != 0) {
-      std::fprintf(stderr, "cpu_conv: float32 NCHW tensors only\n");
+      std::fprintf(stderr, "cpu_ops: float32 NCHW tensors only\n");
       return 1;
     }
   }
@@ -336,28 +359,73 @@ int Run(Kind kind, int nparam, int *ndims, const char **dtypes, const int64_t *x
   const int64_t stride = StrideOf(x[2], y[2], k, pad);
   if (k % 2 == 0 || w[3] != k || x[1] != w[1] || y[1] != w[0] || x[0] != y[0] || stride == 0 ||
       StrideOf(x[3], y[3], k, pad) != stride) {
-    std::fprintf(stderr, "cpu_conv: shapes are not those of one odd-kernel convolution with padding (k-1)/2\n");
+    std::fprintf(stderr, "cpu_ops: shapes are not those of one odd-kernel convolution with padding (k-1)/2\n");
     return 1;
   }
-  State *s = Global();
-  if (s->engine == nullptr) {
-    std::fprintf(stderr, "cpu_conv: oneDNN could not be set up\n");
-    return 1;
+  dnnl_dims_t dx = {x[0], x[1], x[2], x[3]}, dw = {w[0], w[1], w[2], w[3]}, dy = {y[0], y[1], y[2], y[3]};
+  return WithPlan({kind, x[0], x[1], x[2], x[3], w[0], k, y[2], y[3], stride}, buffers,
+                  [&](State *s, Plan *plan) { return Build(s, kind, dx, dw, dy, stride, pad, plan); });
+}
+
+// PReLU on plain NCHW x with one slope per channel, forward (operands x, w, y) or backward (operands
+// x, w, dy, then dx, dw). Plain layouts: the tensors around it are plain, and oneDNN's PReLU kernels
+// take them as they are.
+int BuildPrelu(State *s, Kind kind, const dnnl_dims_t x, Plan *plan) {
+  dnnl_dims_t w = {1, x[1], 1, 1};
+  dnnl_memory_desc_t xd, wd;
+  CHECK(api.memory_desc_create_with_tag(&xd, 4, x, dnnl_f32, dnnl_abcd));
+  CHECK(api.memory_desc_create_with_tag(&wd, 4, w, dnnl_f32, dnnl_abcd));
+  dnnl_primitive_desc_t forward = nullptr, pd = nullptr;
+  int failed = api.prelu_forward_primitive_desc_create(&forward, s->engine, dnnl_forward_training, xd, wd, xd,
+                                                       nullptr) != dnnl_success;
+  if (!failed && kind == kPreluForward) {
+    pd = forward;
+    forward = nullptr;
+    failed = MakeOperand(s, pd, dnnl_query_src_md, x, DNNL_ARG_SRC, false, plan) ||
+             MakeOperand(s, pd, dnnl_query_weights_md, w, DNNL_ARG_WEIGHTS, false, plan) ||
+             MakeOperand(s, pd, dnnl_query_dst_md, x, DNNL_ARG_DST, true, plan);
+  } else if (!failed) {
+    failed = api.prelu_backward_primitive_desc_create(&pd, s->engine, xd, wd, xd, wd, xd, forward, nullptr) !=
+                 dnnl_success ||
+             MakeOperand(s, pd, dnnl_query_src_md, x, DNNL_ARG_SRC, false, plan) ||
+             MakeOperand(s, pd, dnnl_query_weights_md, w, DNNL_ARG_WEIGHTS, false, plan) ||
+             MakeOperand(s, pd, dnnl_query_diff_dst_md, x, DNNL_ARG_DIFF_DST, false, plan) ||
+             MakeOperand(s, pd, dnnl_query_diff_src_md, x, DNNL_ARG_DIFF_SRC, true, plan) ||
+             MakeOperand(s, pd, dnnl_query_diff_weights_md, w, DNNL_ARG_DIFF_WEIGHTS, true, plan);
   }
-  std::lock_guard<std::mutex> lock(s->mutex);
-  std::array<int64_t, 10> key = {kind, x[0], x[1], x[2], x[3], w[0], k, y[2], y[3], stride};
-  auto found = s->plans.find(key);
-  if (found == s->plans.end()) {
-    Plan plan;
-    dnnl_dims_t dx = {x[0], x[1], x[2], x[3]}, dw = {w[0], w[1], w[2], w[3]}, dy = {y[0], y[1], y[2], y[3]};
-    if (Build(s, kind, dx, dw, dy, stride, pad, &plan)) return 1;
-    found = s->plans.emplace(key, plan).first;
+  if (!failed && api.primitive_create(&plan->primitive, pd) != dnnl_success) failed = 1;
+  for (auto &op : plan->operands) {
+    dnnl_memory_desc_t copy = nullptr;
+    if (op.chosen != nullptr && api.memory_desc_clone(&copy, op.chosen) != dnnl_success) failed = 1;
+    op.chosen = copy;
   }
-  return Execute(s, &found->second, buffers);
+  if (forward) api.primitive_desc_destroy(forward);
+  if (pd) api.primitive_desc_destroy(pd);
+  api.memory_desc_destroy(xd);
+  api.memory_desc_destroy(wd);
+  if (failed) std::fprintf(stderr, "cpu_ops: oneDNN has no PReLU for these shapes\n");
+  return failed;
+}
+
+// x: (N, C, H, W), w: (C,); the other tensors have x's or w's shape.
+int RunPrelu(Kind kind, int nparam, int *ndims, int64_t **shapes, const char **dtypes,
+             const std::vector<void *> &buffers) {
+  const int64_t *x = shapes[0];
+  for (int i = 0; i < nparam; ++i) {
+    const bool slope = i == 1 || (kind == kPreluBackward && i == 4);
+    if (std::strcmp(dtypes[i], "float32") != 0 || ndims[i] != (slope ? 1 : 4) ||
+        (slope ? shapes[i][0] != x[1] : std::memcmp(shapes[i], x, 4 * sizeof(int64_t)) != 0)) {
+      std::fprintf(stderr, "cpu_ops: PReLU takes float32 x (N, C, H, W) and slopes (C,)\n");
+      return 1;
+    }
+  }
+  dnnl_dims_t dims = {x[0], x[1], x[2], x[3]};
+  return WithPlan({kind, x[0], x[1], x[2], x[3], 0, 0, 0, 0, 0}, buffers,
+                  [&](State *s, Plan *plan) { return BuildPrelu(s, kind, dims, plan); });
 }
 
 int WrongCount(int got, int expected) {
-  std::fprintf(stderr, "cpu_conv: %d tensors instead of %d\n", got, expected);
+  std::fprintf(stderr, "cpu_ops: %d tensors instead of %d\n", got, expected);
   return 1;
 }
 
@@ -367,20 +435,35 @@ int WrongCount(int got, int expected) {
 extern "C" int ConvForward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *,
                            void *) {
   if (nparam != 3) return WrongCount(nparam, 3);
-  return Run(kForward, nparam, ndims, dtypes, shapes[0], shapes[1], shapes[2], {params[0], params[1], params[2]});
+  return RunConv(kForward, nparam, ndims, dtypes, shapes[0], shapes[1], shapes[2], {params[0], params[1], params[2]});
 }
 
 // dx, the gradient of conv(x, w) with respect to x: params dy, w, x (for its shape only), dx.
 extern "C" int ConvBackwardData(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *,
                                 void *) {
   if (nparam != 4) return WrongCount(nparam, 4);
-  return Run(kBackwardData, nparam, ndims, dtypes, shapes[2], shapes[1], shapes[0], {params[0], params[1], params[3]});
+  return RunConv(kBackwardData, nparam, ndims, dtypes, shapes[2], shapes[1], shapes[0], {params[0], params[1], params[3]});
 }
 
 // dw, the gradient of conv(x, w) with respect to w: params dy, x, w (for its shape only), dw.
 extern "C" int ConvBackwardWeights(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                                    void *, void *) {
   if (nparam != 4) return WrongCount(nparam, 4);
-  return Run(kBackwardWeights, nparam, ndims, dtypes, shapes[1], shapes[2], shapes[0],
+  return RunConv(kBackwardWeights, nparam, ndims, dtypes, shapes[1], shapes[2], shapes[0],
              {params[0], params[1], params[3]});
+}
+
+// y = PReLU(x, w): params x (N, C, H, W), w (C,), y.
+extern "C" int PreluForward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *,
+                            void *) {
+  if (nparam != 3) return WrongCount(nparam, 3);
+  return RunPrelu(kPreluForward, nparam, ndims, shapes, dtypes, {params[0], params[1], params[2]});
+}
+
+// The gradients of PReLU(x, w): params x, w, dy, then dx, dw.
+extern "C" int PreluBackward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *,
+                             void *) {
+  if (nparam != 5) return WrongCount(nparam, 5);
+  return RunPrelu(kPreluBackward, nparam, ndims, shapes, dtypes,
+                  {params[0], params[1], params[2], params[3], params[4]});
 }

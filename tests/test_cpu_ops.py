@@ -1,5 +1,6 @@
-"""src.models.cpu_conv: the CPU training convolutions (oneDNN, blocked layouts) against MindSpore's own,
-in values and gradients, alone and in whole training steps; what they do not cover; the build cache."""
+"""src.models.cpu_ops: the CPU training convolutions (oneDNN, blocked layouts) against MindSpore's own,
+in values and gradients, alone and in whole training steps with oneDNN's PReLU (alone: test_backbones);
+what they do not cover; the build cache."""
 import logging
 import os
 
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 from mindspore import nn, ops
 
-from src.models import cpu_conv
+from src.models import cpu_ops
 
 
 @pytest.fixture
@@ -20,7 +21,7 @@ def graph():
 
 def test_library_builds_here():
     """`make install` provides what the build needs (oneDNN headers; g++ and MindSpore's oneDNN are there)."""
-    assert cpu_conv.library() is not None, "see the warning logged by src.models.cpu_conv"
+    assert cpu_ops.library() is not None, "see the warning logged by src.models.cpu_ops"
 
 
 class _Grad(nn.Cell):
@@ -44,7 +45,7 @@ def test_values_and_gradients_equal_mindspore(graph, case):
     n, c, o, h, w, k, stride, pad = case
     kwargs = dict(stride=stride, has_bias=False, **({"pad_mode": "pad", "padding": pad} if pad else
                                                      {"pad_mode": "valid"}))
-    ours, theirs = cpu_conv.Conv2d(c, o, k, **kwargs), nn.Conv2d(c, o, k, **kwargs)
+    ours, theirs = cpu_ops.Conv2d(c, o, k, **kwargs), nn.Conv2d(c, o, k, **kwargs)
     assert ours.use_onednn
     assert [p.name for p in ours.get_parameters()] == [p.name for p in theirs.get_parameters()]
     rng = np.random.RandomState(sum(case))
@@ -74,14 +75,14 @@ def test_values_and_gradients_equal_mindspore(graph, case):
 def test_inference_and_uncovered_convolutions_keep_mindspore(graph):
     """Inference runs MindSpore's operator (so every export does); groups, bias, dilation, other
     paddings and even kernels are not the operators' and stay MindSpore's in training too."""
-    assert not cpu_conv.Conv2d(4, 4, 3, pad_mode="pad", padding=1, group=2).use_onednn
-    assert not cpu_conv.Conv2d(4, 4, 3, pad_mode="pad", padding=1, has_bias=True).use_onednn
-    assert not cpu_conv.Conv2d(4, 4, 3, pad_mode="pad", padding=2, dilation=2).use_onednn
-    assert not cpu_conv.Conv2d(4, 4, 3, pad_mode="same").use_onednn
-    assert not cpu_conv.Conv2d(4, 4, 3, pad_mode="pad", padding=(1, 1, 0, 0)).use_onednn
-    assert not cpu_conv.Conv2d(4, 4, 2, pad_mode="valid").use_onednn
-    assert not cpu_conv.Conv2d(4, 4, 3, pad_mode="valid").use_onednn
-    conv = cpu_conv.Conv2d(4, 4, 3, pad_mode="pad", padding=1)
+    assert not cpu_ops.Conv2d(4, 4, 3, pad_mode="pad", padding=1, group=2).use_onednn
+    assert not cpu_ops.Conv2d(4, 4, 3, pad_mode="pad", padding=1, has_bias=True).use_onednn
+    assert not cpu_ops.Conv2d(4, 4, 3, pad_mode="pad", padding=2, dilation=2).use_onednn
+    assert not cpu_ops.Conv2d(4, 4, 3, pad_mode="same").use_onednn
+    assert not cpu_ops.Conv2d(4, 4, 3, pad_mode="pad", padding=(1, 1, 0, 0)).use_onednn
+    assert not cpu_ops.Conv2d(4, 4, 2, pad_mode="valid").use_onednn
+    assert not cpu_ops.Conv2d(4, 4, 3, pad_mode="valid").use_onednn
+    conv = cpu_ops.Conv2d(4, 4, 3, pad_mode="pad", padding=1)
     assert conv.use_onednn
     conv.set_train(False)
     x = ms.Tensor(np.random.RandomState(0).normal(size=(1, 4, 5, 5)).astype(np.float32))
@@ -109,55 +110,59 @@ def _train_losses(initial=None, steps=4):
     return used, [float(step(x, y)[0].asnumpy()) for _ in range(steps)], weights
 
 
-def test_training_steps_equal_mindspore_convolutions(graph, monkeypatch):
+def test_training_steps_equal_mindspore_kernels(graph, monkeypatch):
     """Four SGD steps (lr 0.02) of an r18 (width 8) from the same weights with the operators and without
-    them: the same falling losses."""
+    them (MindSpore's convolutions, the element-wise PReLU): the same falling losses."""
     used, ours, initial = _train_losses()
-    monkeypatch.setattr(cpu_conv, "library", lambda: None)
+    monkeypatch.setattr(cpu_ops, "library", lambda: None)
     unused, theirs, _ = _train_losses(initial)
-    assert (used, unused) == (21, 0)
+    assert (used, unused) == (21 + 9, 0)  # convolutions and PReLUs
     assert ours[-1] < ours[0]
-    np.testing.assert_allclose(ours, theirs, rtol=1e-5)
+    # The first step agrees to float32 rounding; later ones drift a little: oneDNN sums the PReLU slopes'
+    # gradient in another order (both within 2e-6 of float64 on a 16x64x112x112 tensor), and four steps
+    # on one batch amplify it to ~1e-4. A wrong gradient changes these losses by percent.
+    np.testing.assert_allclose(ours[0], theirs[0], rtol=1e-6)
+    np.testing.assert_allclose(ours, theirs, rtol=5e-4)
 
 
 def test_switch_and_missing_headers_fall_back_with_a_warning(monkeypatch, caplog):
-    cpu_conv.library.cache_clear()
+    cpu_ops.library.cache_clear()
     try:
-        monkeypatch.setenv("ARCFACE_CPU_CONV", "0")
-        assert cpu_conv.library() is None
-        cpu_conv.library.cache_clear()
-        monkeypatch.delenv("ARCFACE_CPU_CONV")
-        monkeypatch.setattr(cpu_conv, "_onednn_headers", lambda: None)
-        with caplog.at_level(logging.WARNING, logger="src.models.cpu_conv"):
-            assert cpu_conv.library() is None
-            assert not cpu_conv.Conv2d(4, 4, 3, pad_mode="pad", padding=1).use_onednn
+        monkeypatch.setenv("ARCFACE_CPU_OPS", "0")
+        assert cpu_ops.library() is None
+        cpu_ops.library.cache_clear()
+        monkeypatch.delenv("ARCFACE_CPU_OPS")
+        monkeypatch.setattr(cpu_ops, "_onednn_headers", lambda: None)
+        with caplog.at_level(logging.WARNING, logger="src.models.cpu_ops"):
+            assert cpu_ops.library() is None
+            assert not cpu_ops.Conv2d(4, 4, 3, pad_mode="pad", padding=1).use_onednn
         assert "no oneDNN headers" in caplog.text and "make install" in caplog.text
     finally:
-        cpu_conv.library.cache_clear()
+        cpu_ops.library.cache_clear()
 
 
 def test_cache_is_verified_before_reuse(monkeypatch, tmp_path):
     """A library or oneDNN copy whose bytes changed after the build is rebuilt, not loaded."""
     monkeypatch.setenv("ARCFACE_CACHE_DIR", str(tmp_path))
-    built = cpu_conv._build()
+    built = cpu_ops._build()
     copy = built[:-len(".so")] + "-onednn.so"
-    assert os.path.dirname(built) == str(tmp_path) and cpu_conv._verified(built) and cpu_conv._verified(copy)
+    assert os.path.dirname(built) == str(tmp_path) and cpu_ops._verified(built) and cpu_ops._verified(copy)
     stamp = os.stat(built).st_mtime_ns
-    assert cpu_conv._build() == built and os.stat(built).st_mtime_ns == stamp  # reused as it is
+    assert cpu_ops._build() == built and os.stat(built).st_mtime_ns == stamp  # reused as it is
     for path in (built, copy):
         with open(path, "r+b") as fh:
             fh.seek(100)
             fh.write(b"\xcc\xcc")
-        assert not cpu_conv._verified(path)
-        assert cpu_conv._build() == built
-        assert cpu_conv._verified(path)
+        assert not cpu_ops._verified(path)
+        assert cpu_ops._build() == built
+        assert cpu_ops._verified(path)
     # a source edited after the build gets a library of its own, and the stale one is removed
-    monkeypatch.setattr(cpu_conv, "SOURCE", str(tmp_path / "edited.cc"))
-    with open(cpu_conv.SOURCE, "wb") as fh, open(os.path.join(os.path.dirname(cpu_conv.__file__), "cpu_conv.cc"),
+    monkeypatch.setattr(cpu_ops, "SOURCE", str(tmp_path / "edited.cc"))
+    with open(cpu_ops.SOURCE, "wb") as fh, open(os.path.join(os.path.dirname(cpu_ops.__file__), "cpu_ops.cc"),
                                                  "rb") as original:
         fh.write(original.read() + b"\n// edited\n")
-    rebuilt = cpu_conv._build()
-    assert rebuilt != built and cpu_conv._verified(rebuilt)
+    rebuilt = cpu_ops._build()
+    assert rebuilt != built and cpu_ops._verified(rebuilt)
     stem = os.path.basename(rebuilt)[:-len(".so")]
     expected = ["edited.cc"] + [stem + suffix for suffix in (".so", ".so.sha256", "-onednn.so", "-onednn.so.sha256")]
     assert sorted(os.listdir(tmp_path)) == sorted(expected)
