@@ -5,7 +5,7 @@
 // layouts, which take less time per convolution on the same cores (bench/README.md). The functions
 // at the end are MindSpore "aot" custom operators: a bias-free 2-D convolution with symmetric zero
 // padding (k - 1) / 2 and the stride implied by the shapes (the forward pass, the gradient of the input,
-// the gradient of the weights), and PReLU with one slope per channel (forward, gradients) in one pass
+// the gradient of the weights), and PReLU with one slope per channel (forward, input gradient) in one pass
 // over the tensor where the same arithmetic in MindSpore's element-wise kernels takes several. They
 // take and return plain NCHW / OIHW float32 tensors; the convolutions reorder to and from the blocked
 // layouts inside. Built by src/models/cpu_ops.py against the oneDNN
@@ -123,7 +123,8 @@ struct Api {
   X(memory_desc_create_with_tag) X(memory_desc_destroy) X(memory_desc_equal) X(memory_desc_get_size)        \
   X(memory_destroy) X(primitive_create) X(primitive_desc_destroy) X(primitive_desc_query_md)                \
   X(primitive_execute) X(reorder_primitive_desc_create) X(stream_wait) X(threadpool_interop_stream_create) \
-  X(set_max_cpu_isa) X(prelu_forward_primitive_desc_create) X(prelu_backward_primitive_desc_create)
+  X(set_max_cpu_isa) X(prelu_forward_primitive_desc_create) X(prelu_backward_primitive_desc_create)      \
+  X(primitive_attr_create) X(primitive_attr_set_scratchpad_mode)
 #define DECLARE(name) decltype(&::dnnl_##name) name = nullptr;
   ONEDNN_FUNCTIONS(DECLARE)
 #undef DECLARE
@@ -165,7 +166,7 @@ int CpuCount() {
 
 enum Kind { kForward = 0, kBackwardData = 1, kBackwardWeights = 2, kPreluForward = 3, kPreluBackward = 4 };
 
-// One tensor of a convolution: its plain layout, the layout the convolution runs on, and the reorder
+// One tensor of a primitive: its plain layout, the layout the primitive runs on, and the reorder
 // between them (none when they are the same).
 struct Operand {
   dnnl_memory_desc_t plain = nullptr;
@@ -178,12 +179,16 @@ struct Operand {
 struct Plan {
   dnnl_primitive_t primitive = nullptr;
   std::vector<Operand> operands;  // the inputs, then the outputs, in the functions' parameter order
+  dnnl_memory_desc_t scratchpad = nullptr;  // the primitive's working memory, allocated per execution
 };
 
 struct State {
   dnnl_engine_t engine = nullptr;
   dnnl_stream_t stream = nullptr;
   Pool *pool = nullptr;
+  // Every primitive gets its working memory from us, per execution: oneDNN's own (per calling thread,
+  // kept at its largest) grew with the number of MindSpore threads that launch kernels.
+  dnnl_primitive_attr_t attr = nullptr;
   std::map<std::array<int64_t, 10>, Plan> plans;  // per kind and shapes
   std::mutex mutex;  // one primitive at a time: they share the pool
 };
@@ -195,6 +200,8 @@ State *Global() {
     // The limit can only be set before the copy's first primitive; built with -z nodelete, this runs once.
     auto *pool = static_cast<dnnl::threadpool_interop::threadpool_iface *>(s->pool);
     if (!api.Load() || api.set_max_cpu_isa(ONEDNN_ISA) != dnnl_success ||
+        api.primitive_attr_create(&s->attr) != dnnl_success ||
+        api.primitive_attr_set_scratchpad_mode(s->attr, dnnl_scratchpad_mode_user) != dnnl_success ||
         api.engine_create(&s->engine, dnnl_cpu, 0) != dnnl_success ||
         api.threadpool_interop_stream_create(&s->stream, s->engine, pool) != dnnl_success) {
       s->engine = nullptr;
@@ -227,6 +234,20 @@ int MakeOperand(State *s, const_dnnl_primitive_desc_t pd, dnnl_query_t query, co
   return 0;
 }
 
+// Creates the plan's primitive from `pd` and keeps what outlives `pd`: its scratchpad and the operands'
+// chosen layouts.
+int Finish(const_dnnl_primitive_desc_t pd, Plan *plan) {
+  CHECK(api.primitive_create(&plan->primitive, pd));
+  const_dnnl_memory_desc_t scratchpad = api.primitive_desc_query_md(pd, dnnl_query_scratchpad_md, 0);
+  if (scratchpad != nullptr) CHECK(api.memory_desc_clone(&plan->scratchpad, scratchpad));
+  for (auto &op : plan->operands) {
+    dnnl_memory_desc_t copy = nullptr;
+    if (op.chosen != nullptr) CHECK(api.memory_desc_clone(&copy, op.chosen));
+    op.chosen = copy;
+  }
+  return 0;
+}
+
 // dims: x (N, C, H, W), w (O, C, K, K), y (N, O, OH, OW).
 int Build(State *s, Kind kind, const dnnl_dims_t x, const dnnl_dims_t w, const dnnl_dims_t y, int64_t stride,
           int64_t pad, Plan *plan) {
@@ -239,7 +260,7 @@ int Build(State *s, Kind kind, const dnnl_dims_t x, const dnnl_dims_t w, const d
   int failed = 0;
   if (api.convolution_forward_primitive_desc_create(&forward, s->engine, dnnl_forward_training,
                                                      dnnl_convolution_direct, any_x, any_w, nullptr, any_y, strides,
-                                                     dilates, padding, padding, nullptr) != dnnl_success) {
+                                                     dilates, padding, padding, s->attr) != dnnl_success) {
     failed = 1;
   } else if (kind == kForward) {
     pd = forward;
@@ -250,26 +271,19 @@ int Build(State *s, Kind kind, const dnnl_dims_t x, const dnnl_dims_t w, const d
   } else if (kind == kBackwardData) {
     failed = api.convolution_backward_data_primitive_desc_create(&pd, s->engine, dnnl_convolution_direct, any_x,
                                                                   any_w, any_y, strides, dilates, padding, padding,
-                                                                  forward, nullptr) != dnnl_success ||
+                                                                  forward, s->attr) != dnnl_success ||
              MakeOperand(s, pd, dnnl_query_diff_dst_md, y, DNNL_ARG_DIFF_DST, false, plan) ||
              MakeOperand(s, pd, dnnl_query_weights_md, w, DNNL_ARG_WEIGHTS, false, plan) ||
              MakeOperand(s, pd, dnnl_query_diff_src_md, x, DNNL_ARG_DIFF_SRC, true, plan);
   } else {
     failed = api.convolution_backward_weights_primitive_desc_create(&pd, s->engine, dnnl_convolution_direct, any_x,
                                                                      any_w, nullptr, any_y, strides, dilates, padding,
-                                                                     padding, forward, nullptr) != dnnl_success ||
+                                                                     padding, forward, s->attr) != dnnl_success ||
              MakeOperand(s, pd, dnnl_query_diff_dst_md, y, DNNL_ARG_DIFF_DST, false, plan) ||
              MakeOperand(s, pd, dnnl_query_src_md, x, DNNL_ARG_SRC, false, plan) ||
              MakeOperand(s, pd, dnnl_query_diff_weights_md, w, DNNL_ARG_DIFF_WEIGHTS, true, plan);
   }
-  if (!failed && api.primitive_create(&plan->primitive, pd) != dnnl_success) failed = 1;
-  // The chosen descriptors belong to pd; keep copies that outlive it.
-  for (auto &op : plan->operands) {
-    if (op.chosen == nullptr) continue;
-    dnnl_memory_desc_t copy = nullptr;
-    if (api.memory_desc_clone(&copy, op.chosen) != dnnl_success) failed = 1;
-    op.chosen = copy;
-  }
+  if (!failed) failed = Finish(pd, plan);
   if (forward) api.primitive_desc_destroy(forward);
   if (pd) api.primitive_desc_destroy(pd);
   api.memory_desc_destroy(any_x);
@@ -300,9 +314,22 @@ int Execute(State *s, Plan *plan, const std::vector<void *> &buffers) {
       failed |= api.primitive_execute(op.reorder, s->stream, 2, reorder_args) != dnnl_success;
     }
   }
+  void *work = nullptr;
+  dnnl_memory_t work_memory = nullptr;
   if (!failed) {
     for (size_t i = 0; i < n; ++i) args[i] = {plan->operands[i].arg, inner[i]};
-    failed |= api.primitive_execute(plan->primitive, s->stream, static_cast<int>(n), args.data()) != dnnl_success;
+    const size_t work_size =
+        plan->scratchpad == nullptr ? 0 : (api.memory_desc_get_size(plan->scratchpad) + 63) / 64 * 64;
+    if (work_size > 0) {
+      work = std::aligned_alloc(64, work_size);
+      failed |= work == nullptr ||
+                api.memory_create(&work_memory, plan->scratchpad, s->engine, work) != dnnl_success;
+      args.push_back({DNNL_ARG_SCRATCHPAD, work_memory});
+    }
+  }
+  if (!failed) {
+    failed |= api.primitive_execute(plan->primitive, s->stream, static_cast<int>(args.size()), args.data()) !=
+               dnnl_success;
   }
   for (size_t i = 0; i < n && !failed; ++i) {
     Operand &op = plan->operands[i];
@@ -311,6 +338,8 @@ int Execute(State *s, Plan *plan, const std::vector<void *> &buffers) {
     failed |= api.primitive_execute(op.reorder, s->stream, 2, reorder_args) != dnnl_success;
   }
   failed |= api.stream_wait(s->stream) != dnnl_success;
+  if (work_memory != nullptr) api.memory_destroy(work_memory);
+  std::free(work);
   for (size_t i = 0; i < n; ++i) {
     if (inner[i] != nullptr && inner[i] != user[i]) api.memory_destroy(inner[i]);
     if (user[i] != nullptr) api.memory_destroy(user[i]);
@@ -377,7 +406,7 @@ int BuildPrelu(State *s, Kind kind, const dnnl_dims_t x, Plan *plan) {
   CHECK(api.memory_desc_create_with_tag(&wd, 4, w, dnnl_f32, dnnl_abcd));
   dnnl_primitive_desc_t forward = nullptr, pd = nullptr;
   int failed = api.prelu_forward_primitive_desc_create(&forward, s->engine, dnnl_forward_training, xd, wd, xd,
-                                                       nullptr) != dnnl_success;
+                                                       s->attr) != dnnl_success;
   if (!failed && kind == kPreluForward) {
     pd = forward;
     forward = nullptr;
@@ -385,7 +414,7 @@ int BuildPrelu(State *s, Kind kind, const dnnl_dims_t x, Plan *plan) {
              MakeOperand(s, pd, dnnl_query_weights_md, w, DNNL_ARG_WEIGHTS, false, plan) ||
              MakeOperand(s, pd, dnnl_query_dst_md, x, DNNL_ARG_DST, true, plan);
   } else if (!failed) {
-    failed = api.prelu_backward_primitive_desc_create(&pd, s->engine, xd, wd, xd, wd, xd, forward, nullptr) !=
+    failed = api.prelu_backward_primitive_desc_create(&pd, s->engine, xd, wd, xd, wd, xd, forward, s->attr) !=
                  dnnl_success ||
              MakeOperand(s, pd, dnnl_query_src_md, x, DNNL_ARG_SRC, false, plan) ||
              MakeOperand(s, pd, dnnl_query_weights_md, w, DNNL_ARG_WEIGHTS, false, plan) ||
@@ -393,12 +422,7 @@ int BuildPrelu(State *s, Kind kind, const dnnl_dims_t x, Plan *plan) {
              MakeOperand(s, pd, dnnl_query_diff_src_md, x, DNNL_ARG_DIFF_SRC, true, plan) ||
              MakeOperand(s, pd, dnnl_query_diff_weights_md, w, DNNL_ARG_DIFF_WEIGHTS, true, plan);
   }
-  if (!failed && api.primitive_create(&plan->primitive, pd) != dnnl_success) failed = 1;
-  for (auto &op : plan->operands) {
-    dnnl_memory_desc_t copy = nullptr;
-    if (op.chosen != nullptr && api.memory_desc_clone(&copy, op.chosen) != dnnl_success) failed = 1;
-    op.chosen = copy;
-  }
+  if (!failed) failed = Finish(pd, plan);
   if (forward) api.primitive_desc_destroy(forward);
   if (pd) api.primitive_desc_destroy(pd);
   api.memory_desc_destroy(xd);
@@ -427,6 +451,19 @@ int RunPrelu(Kind kind, int nparam, int *ndims, int64_t **shapes, const char **d
 int WrongCount(int got, int expected) {
   std::fprintf(stderr, "cpu_ops: %d tensors instead of %d\n", got, expected);
   return 1;
+}
+
+// dx of PReLU(x, w): params x (N, C, H, W), w (C,), dy, dx. oneDNN computes dw too; it goes to a
+// temporary buffer (src/models/iresnet.py takes dw from MindSpore's kernels: with an operator of ours
+// for it, MindSpore's r50 step peaked 0.7 GB higher).
+int PreluInputGradient(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes) {
+  if (nparam != 4) return WrongCount(nparam, 4);
+  std::vector<float> dw(static_cast<size_t>(shapes[1][0]));
+  int all_ndims[5] = {ndims[0], ndims[1], ndims[2], ndims[3], ndims[1]};
+  int64_t *all_shapes[5] = {shapes[0], shapes[1], shapes[2], shapes[3], shapes[1]};
+  const char *all_dtypes[5] = {dtypes[0], dtypes[1], dtypes[2], dtypes[3], dtypes[1]};
+  return RunPrelu(kPreluBackward, 5, all_ndims, all_shapes, all_dtypes,
+                  {params[0], params[1], params[2], params[3], dw.data()});
 }
 
 }  // namespace
@@ -460,10 +497,8 @@ extern "C" int PreluForward(int nparam, void **params, int *ndims, int64_t **sha
   return RunPrelu(kPreluForward, nparam, ndims, shapes, dtypes, {params[0], params[1], params[2]});
 }
 
-// The gradients of PReLU(x, w): params x, w, dy, then dx, dw.
-extern "C" int PreluBackward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *,
-                             void *) {
-  if (nparam != 5) return WrongCount(nparam, 5);
-  return RunPrelu(kPreluBackward, nparam, ndims, shapes, dtypes,
-                  {params[0], params[1], params[2], params[3], params[4]});
+// dx of PReLU(x, w): params x, w, dy, dx.
+extern "C" int PreluBackwardData(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *,
+                                 void *) {
+  return PreluInputGradient(nparam, params, ndims, shapes, dtypes);
 }

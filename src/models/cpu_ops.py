@@ -9,9 +9,9 @@ stays at AVX2 (src/runtime.py: above it, its plain-layout convolutions fall back
 code). `Conv2d` is
 nn.Conv2d (the same parameter, so checkpoints, imports and exports are unchanged) whose training
 graph on the CPU runs cpu_ops.cc's forward, input-gradient and weight-gradient operators instead.
-`OneDNNPReLU` is the backbones' training PReLU on the CPU (src/models/iresnet.py): oneDNN's PReLU
-reads and writes each tensor once per pass, where the same arithmetic from MindSpore's element-wise
-kernels takes several passes over tensors of the activation's size.
+`prelu_operators` give the backbones' training PReLU on the CPU its forward pass and input gradient
+(src/models/iresnet.py): oneDNN's PReLU reads and writes each tensor once, where the same arithmetic
+from MindSpore's element-wise kernels takes several passes over tensors of the activation's size.
 Inference, export, other devices, float16 inputs and convolutions those operators do not cover
 (groups, dilation, bias, even kernels, other paddings) keep MindSpore's operator, and so does
 everything when the library cannot be built (no C++ compiler or no oneDNN headers, which
@@ -198,20 +198,11 @@ class Conv2d(nn.Conv2d):
         return self.conv2d(x, self.weight)
 
 
-class OneDNNPReLU(nn.Cell):
-    """(x (N, C, H, W) float32, w (C,)) -> PReLU(x, w) and its gradients by oneDNN's PReLU kernels:
-    y = x where x > 0 else w x; dx = dy where x > 0 else w dy; dw = the sum of dy x over x <= 0."""
-
-    def __init__(self, path):
-        super().__init__()
-        self.forward = ops.Custom(f"{path}:PreluForward", out_shape=lambda x, w: x, out_dtype=lambda x, w: x,
-                                  func_type="aot")
-        self.backward = ops.Custom(f"{path}:PreluBackward", out_shape=lambda x, w, dy: (x, w),
-                                   out_dtype=lambda x, w, dy: (x, w), func_type="aot")
-
-    def construct(self, x, w):
-        return self.forward(x, w)
-
-    def bprop(self, x, w, out, dout):
-        dx, dw = self.backward(x, w, dout)
-        return dx, dw
+def prelu_operators(path):
+    """oneDNN's PReLU as the operators (x, w) -> y and (x, w, dy) -> dx, for x (N, C, H, W) float32 and
+    w (C,): y = x where x > 0 else w x; dx = dy where x > 0 else w dy (src/models/iresnet.py)."""
+    forward = ops.Custom(f"{path}:PreluForward", out_shape=lambda x, w: x, out_dtype=lambda x, w: x,
+                         func_type="aot")
+    input_gradient = ops.Custom(f"{path}:PreluBackwardData", out_shape=lambda x, w, dy: x,
+                                out_dtype=lambda x, w, dy: x, func_type="aot")
+    return forward, input_gradient

@@ -91,13 +91,33 @@ class _ChannelSlopes(nn.Cell):
         positive = self.relu(x)
         return positive + self.depthwise(x - positive, w.reshape(self.channels, 1, 1, 1))
 
-    def bprop(self, x, w, out, dout):
-        kernel = w.reshape(self.channels, 1, 1, 1)
+    def split(self, x, dout):
+        """(p, n, dw) of the backward above."""
         positive = self.relu_gradient(dout, x)
         negative = dout - positive
-        dw = self.filter_gradient(negative, x, kernel.shape)
-        dx = positive + self.depthwise(negative, kernel)
-        return dx, dw.reshape(self.channels)
+        dw = self.filter_gradient(negative, x, (self.channels, 1, 1, 1))
+        return positive, negative, dw.reshape(self.channels)
+
+    def bprop(self, x, w, out, dout):
+        positive, negative, dw = self.split(x, dout)
+        return positive + self.depthwise(negative, w.reshape(self.channels, 1, 1, 1)), dw
+
+
+class _OneDNNSlopes(_ChannelSlopes):
+    """_ChannelSlopes (float32) whose forward pass and dx are oneDNN's PReLU (src/models/cpu_ops.py), one
+    pass over the tensor each; dw stays _ChannelSlopes' (oneDNN's own dw, an operator of its own, made
+    MindSpore keep 0.7 GB more at the r50 step's peak)."""
+
+    def __init__(self, channels: int, library: str) -> None:
+        super().__init__(channels)
+        self.prelu_forward, self.prelu_input_gradient = cpu_ops.prelu_operators(library)
+
+    def construct(self, x, w):
+        return self.prelu_forward(x, w)
+
+    def bprop(self, x, w, out, dout):
+        _, _, dw = self.split(x, dout)
+        return self.prelu_input_gradient(x, w, dout), dw
 
 
 class PReLU(nn.PReLU):
@@ -106,11 +126,11 @@ class PReLU(nn.PReLU):
 
     MindSpore's CPU PReLU and PReLUGrad kernels compute a channel index with an integer division per
     element and branch on its sign (a data-dependent speed); broadcasting the slope over NCHW is slow
-    too. In float32 training on CPU this cell runs oneDNN's PReLU (src/models/cpu_ops.py), one pass
-    over the tensor each way; without that library, and in float16, it computes the same function with
-    relu, element-wise arithmetic and a depthwise 1x1 convolution (`_ChannelSlopes`): forward +
-    backward take about half the time of PReLU + PReLUGrad, and the r50 step's peak memory is the
-    PReLU operator's (bench/README.md).
+    too. In training on CPU this cell computes the same function with relu, element-wise arithmetic
+    and a depthwise 1x1 convolution (`_ChannelSlopes`): forward + backward take about half the time
+    of PReLU + PReLUGrad, and the r50 step's peak memory is the PReLU operator's (bench/README.md).
+    In float32, with the operators of src/models/cpu_ops.py, the forward pass and dx are oneDNN's
+    PReLU, one pass over the tensor each (`_OneDNNSlopes`).
     Inference (and so every export) keeps the PReLU operator, and so do other devices (the device
     chosen when the cell is built), whose kernels are not these.
     """
@@ -120,8 +140,8 @@ class PReLU(nn.PReLU):
         self.channels = channel
         self.rewrite = ms.get_context("device_target") == "CPU"
         self.slopes = _ChannelSlopes(channel)
-        path = cpu_ops.library() if self.rewrite else None
-        self.onednn = cpu_ops.OneDNNPReLU(path) if path else None
+        library = cpu_ops.library() if self.rewrite else None
+        self.onednn = _OneDNNSlopes(channel, library) if library else None
         self.use_onednn = self.onednn is not None
 
     def construct(self, x):
