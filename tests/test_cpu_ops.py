@@ -96,6 +96,7 @@ def _train_losses(initial=None, steps=4):
     from src.training.lr_schedule import LRSchedule
     from src.training.trainer import build_network, build_step
 
+    ms.set_seed(5)  # the same initial weights in every run of the test
     cfg = TrainConfig(network="r18", width=8, seed=5)
     net = build_network(cfg, 20)
     if initial is not None:
@@ -137,6 +138,14 @@ def test_switch_and_missing_headers_fall_back_with_a_warning(monkeypatch, caplog
             assert cpu_ops.library() is None
             assert not cpu_ops.Conv2d(4, 4, 3, pad_mode="pad", padding=1).use_onednn
         assert "no oneDNN headers" in caplog.text and "make install" in caplog.text
+        # a library that builds but whose oneDNN cannot be set up falls back too, before MindSpore loads it
+        cpu_ops.library.cache_clear()
+        monkeypatch.undo()
+        monkeypatch.setattr(cpu_ops.ctypes, "CDLL", lambda path: type("Broken", (), {"CpuOpsReady": lambda _: 0})())
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="src.models.cpu_ops"):
+            assert cpu_ops.library() is None
+        assert "could not be set up" in caplog.text
     finally:
         cpu_ops.library.cache_clear()
 

@@ -502,3 +502,7 @@ extern "C" int PreluBackwardData(int nparam, void **params, int *ndims, int64_t 
                                  void *) {
   return PreluInputGradient(nparam, params, ndims, shapes, dtypes);
 }
+
+// 1 when the private oneDNN opened and its engine and stream exist: src/models/cpu_ops.py asks before
+// MindSpore loads these operators, so a failure falls back to MindSpore's kernels instead of stopping.
+extern "C" int CpuOpsReady() { return Global()->engine != nullptr; }

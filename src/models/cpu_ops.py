@@ -23,6 +23,7 @@ a name carrying the hash of what it was built from, beside the hash of its own b
 checked before every reuse. ARCFACE_CPU_OPS=0 turns the operators off.
 """
 import contextlib
+import ctypes
 import functools
 import hashlib
 import logging
@@ -73,7 +74,10 @@ def library():
     if os.environ.get("ARCFACE_CPU_OPS", "1") == "0":
         return None
     try:
-        return _build()
+        path = _build()
+        if not ctypes.CDLL(path).CpuOpsReady():
+            raise RuntimeError(f"the operators' copy of oneDNN could not be set up (see the messages above; {path})")
+        return path
     except (OSError, subprocess.SubprocessError, RuntimeError, ArcFaceError) as exc:
         _log.warning("training convolutions run on MindSpore's CPU kernels (slower): %s", exc)
         return None
