@@ -1,6 +1,8 @@
 """The arcface_torch recipe's pieces against formulas: AdamW (PyTorch's, bias-corrected), weight decay
 on BatchNorm, backbone gradient clipping (after unscaling, skipped-step safe), gradient accumulation,
 the torch initialisation, and the options reaching the network."""
+import itertools
+
 import mindspore as ms
 import numpy as np
 import pytest
@@ -313,8 +315,9 @@ def test_the_finiteness_check_finds_one_bad_element_among_many(mode):
         return bool(check(tuple(Tensor(a) for a in arrays)).asnumpy())
 
     rng = np.random.default_rng(0)
-    for dtype in (np.float32, np.float16):
-        big = rng.normal(size=(64, 300)).astype(dtype) * (1e4 if dtype == np.float16 else 1e30)
+    # (64, 300): summed by ReduceSum; (300, 400): by MatMul (step._MATMUL_SUM_MIN)
+    for dtype, shape in itertools.product((np.float32, np.float16), ((64, 300), (300, 400))):
+        big = rng.normal(size=shape).astype(dtype) * (1e4 if dtype == np.float16 else 1e30)
         small = rng.normal(size=(17,)).astype(dtype)
         assert np.isfinite(big).all() and finite(big, small), dtype
         for bad in (np.nan, np.inf, -np.inf):
