@@ -17,7 +17,7 @@ Inference, export, other devices, float16 inputs and convolutions those operator
 everything when the library cannot be built (no C++ compiler or no oneDNN headers, which
 `make install` puts into the environment): a warning says so once.
 
-The library is compiled once per source, headers and oneDNN library into a cache folder
+The library is compiled once per source, headers and oneDNN library (its bytes' hash) into a cache folder
 ($ARCFACE_CACHE_DIR, else $XDG_CACHE_HOME/arcface-mindspore or ~/.cache/arcface-mindspore), under
 a name carrying the hash of what it was built from, beside the hash of its own bytes, which is
 checked before every reuse. ARCFACE_CPU_OPS=0 turns the operators off.
@@ -79,7 +79,7 @@ def library():
             raise RuntimeError(f"the operators' copy of oneDNN could not be set up (see the messages above; {path})")
         return path
     except (OSError, subprocess.SubprocessError, RuntimeError, ArcFaceError) as exc:
-        _log.warning("training convolutions run on MindSpore's CPU kernels (slower): %s", exc)
+        _log.warning("training convolutions and PReLU run on MindSpore's CPU kernels (slower): %s", exc)
         return None
 
 
@@ -96,24 +96,23 @@ def _build():
         source = fh.read()  # read once: the hash and the build both use these bytes
     with open(os.path.join(headers, "oneapi", "dnnl", "dnnl_version.h"), "rb") as fh:
         version = fh.read()
-    stat = os.stat(dnnl)
-    identity = b"\0".join([source, version, os.path.realpath(dnnl).encode(), str(stat.st_size).encode(),
-                           str(stat.st_mtime_ns).encode(), compiler.encode()])
+    with open(dnnl, "rb") as fh:
+        onednn = fh.read()  # read once: its hash names the build and proves the copy
+    onednn_hash = _sha256(onednn)
+    identity = b"\0".join([source, version, onednn_hash.encode(), compiler.encode()])
     folder = cache_folder()
     built = os.path.join(folder, f"cpu_ops-{_sha256(identity)[:24]}.so")
-    if _verified(built) and _verified(built[:-len(".so")] + "-onednn.so"):
+    # A private copy of MindSpore's oneDNN: opened by the operators as a second instance of the library.
+    copy = built[:-len(".so")] + "-onednn.so"
+    if _verified(built) and _verified(copy, onednn_hash):
         return built
     white_list = os.environ.get("MS_CUSTOM_AOT_WHITE_LIST")
     if white_list and os.path.commonpath([os.path.realpath(built), os.path.realpath(white_list)]) != \
             os.path.realpath(white_list):
         raise RuntimeError(f"MS_CUSTOM_AOT_WHITE_LIST ({white_list}) does not include {folder}")
-    with open(dnnl, "rb") as fh:
-        onednn = fh.read()
-    # A private copy of MindSpore's oneDNN: opened by the operators as a second instance of the library.
-    copy = built[:-len(".so")] + "-onednn.so"
-    if not _verified(copy):
+    if not _verified(copy, onednn_hash):
         atomic_write(copy, onednn)
-        atomic_write(copy + ".sha256", _sha256(onednn))
+        atomic_write(copy + ".sha256", onednn_hash)
     with tempfile.TemporaryDirectory() as scratch:
         src, out = os.path.join(scratch, "cpu_ops.cc"), os.path.join(scratch, "cpu_ops.so")
         with open(src, "wb") as fh:
@@ -135,15 +134,17 @@ def _build():
         if name.startswith("cpu_ops-") and not name.startswith(stem):
             with contextlib.suppress(OSError):
                 os.remove(os.path.join(folder, name))
-    _log.info("built the CPU training convolutions: %s", built)
+    _log.info("built the CPU training operators: %s", built)
     return built
 
 
-def _verified(path):
-    """True when `path` exists and its bytes hash to the value recorded when it was built."""
+def _verified(path, expected=None):
+    """True when `path` exists and its bytes hash to the value recorded when it was written (and to
+    `expected` when given)."""
     try:
         with open(path, "rb") as fh, open(path + ".sha256", encoding="ascii") as record:
-            return _sha256(fh.read()) == record.read().strip()
+            digest = _sha256(fh.read())
+            return digest == record.read().strip() and expected in (None, digest)
     except OSError:
         return False
 
