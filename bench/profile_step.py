@@ -231,7 +231,7 @@ def main(argv=None):
         if done.returncode != 0:
             raise SystemExit(done.stderr[-3000:])
         if args.onednn:
-            runs = {f"ours ({ours_isa})": primitives(done.stdout)}
+            runs = {"ours": primitives(done.stdout)}
         else:
             results[network] = json.loads(done.stdout.strip().splitlines()[-1])
             report(network, results[network], args.top)
