@@ -72,6 +72,23 @@ def test_values_and_gradients_equal_mindspore(graph, case):
     np.testing.assert_allclose(dw1.asnumpy(), expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
 
 
+@pytest.mark.parametrize("mode", [ms.GRAPH_MODE, ms.PYNATIVE_MODE])
+def test_each_convolution_keeps_its_own_output_shape(mode):
+    """One input, convolutions of stride 1 and 2 and a 1x1 one after another (PyNative mode once gave
+    every ConvForward the output shape of the first)."""
+    ms.set_context(mode=mode)
+    try:
+        x = ms.Tensor(np.random.RandomState(0).normal(size=(2, 8, 16, 16)).astype(np.float32))
+        for kernel, stride, shape in ((3, 1, (2, 4, 16, 16)), (3, 2, (2, 4, 8, 8)), (1, 2, (2, 4, 8, 8)),
+                                      (3, 1, (2, 4, 16, 16))):
+            conv = cpu_ops.Conv2d(8, 4, kernel, stride=stride, **({"pad_mode": "pad", "padding": 1} if kernel == 3
+                                                                   else {"pad_mode": "valid"}))
+            conv.set_train(True)
+            assert conv.use_onednn and conv(x).shape == shape, (kernel, stride)
+    finally:
+        ms.set_context(mode=ms.PYNATIVE_MODE)
+
+
 def test_inference_and_uncovered_convolutions_keep_mindspore(graph):
     """Inference runs MindSpore's operator (so every export does); groups, bias, dilation, other
     paddings and even kernels are not the operators' and stay MindSpore's in training too."""

@@ -164,6 +164,10 @@ class _OneDNNConvolution(nn.Cell):
             return c
         self.forward = ops.Custom(f"{path}:ConvForward", out_shape=out_shape, out_dtype=lambda x, w: x,
                                   func_type="aot")
+        # PyNative mode reused the output shape of the first ConvForward for every other one with the
+        # same inputs' shapes; the attributes make the kernel and stride part of what it compares.
+        self.forward.add_prim_attr("kernel", kernel)
+        self.forward.add_prim_attr("stride", stride)
         self.input_gradient = ops.Custom(f"{path}:ConvBackwardData", out_shape=like_third, out_dtype=like_third,
                                          func_type="aot")
         self.weight_gradient = ops.Custom(f"{path}:ConvBackwardWeights", out_shape=like_third,
