@@ -47,14 +47,14 @@ def phase(full_name):
     return "update"
 
 
-def profile(repo, network, width, batch_size, num_classes, warm_steps, lr, steps, state_dir):
+def _warm_step(repo, network, width, batch_size, num_classes, warm_steps, lr, state_dir):
+    """(our train cell from the bench state after two more steps, the fixed batches as Tensors)."""
     sys.path.insert(0, repo)
     sys.path.insert(1, HERE)
     from src import runtime
     runtime.setup("CPU", seed=0, distributed=False)
     import mindspore as ms
     import step_state
-    from mindspore.profiler import Profiler
     ckpt, _ = step_state.state_paths(state_dir, network, width, batch_size, num_classes, warm_steps, 0.1)
     step, _ = step_state.build(network, width, num_classes, lr)
     if warm_steps:
@@ -65,6 +65,12 @@ def profile(repo, network, width, batch_size, num_classes, warm_steps, lr, steps
     data = [(ms.Tensor(x), ms.Tensor(y)) for x, y in step_state.batches(batch_size, num_classes)]
     step(*data[0])[0].asnumpy()
     step(*data[1])[0].asnumpy()
+    return step, data
+
+
+def profile(repo, network, width, batch_size, num_classes, warm_steps, lr, steps, state_dir):
+    step, data = _warm_step(repo, network, width, batch_size, num_classes, warm_steps, lr, state_dir)
+    from mindspore.profiler import Profiler
     with tempfile.TemporaryDirectory() as folder:
         profiler = Profiler(output_path=folder)
         tick = time.perf_counter()
@@ -84,21 +90,10 @@ def profile(repo, network, width, batch_size, num_classes, warm_steps, lr, steps
 
 
 def onednn_step(repo, network, width, batch_size, num_classes, warm_steps, lr, state_dir):
-    """Two steps of our train cell from the bench state, then the marker, then the step whose oneDNN
-    primitives are read (the process runs with ONEDNN_VERBOSE=1)."""
-    sys.path.insert(0, repo)
-    sys.path.insert(1, HERE)
-    from src import runtime
-    runtime.setup("CPU", seed=0, distributed=False)
-    import mindspore as ms
+    """Our train cell from the bench state, the marker, then the step whose oneDNN primitives are read
+    (the process runs with ONEDNN_VERBOSE=1)."""
+    step, data = _warm_step(repo, network, width, batch_size, num_classes, warm_steps, lr, state_dir)
     import step_state
-    ckpt, _ = step_state.state_paths(state_dir, network, width, batch_size, num_classes, warm_steps, 0.1)
-    step, _ = step_state.build(network, width, num_classes, lr)
-    if warm_steps:
-        step_state.load(step, ckpt)
-    data = [(ms.Tensor(x), ms.Tensor(y)) for x, y in step_state.batches(batch_size, num_classes)]
-    step(*data[0])[0].asnumpy()
-    step(*data[1])[0].asnumpy()
     print(step_state.ONEDNN_MARKER, flush=True)
     step(*data[2])[0].asnumpy()
     return {"done": True}
