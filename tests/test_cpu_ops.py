@@ -192,3 +192,21 @@ def test_cache_is_verified_before_reuse(monkeypatch, tmp_path):
     stem = os.path.basename(rebuilt)[:-len(".so")]
     expected = ["edited.cc"] + [stem + suffix for suffix in (".so", ".so.sha256", "-onednn.so", "-onednn.so.sha256")]
     assert sorted(os.listdir(tmp_path)) == sorted(expected)
+
+
+@pytest.mark.parametrize("fault, message", [
+    ({"CXX": "false"}, "compiling"),                          # a compiler that fails
+    ({"MS_CUSTOM_AOT_WHITE_LIST": "/nonexistent-folder"}, "MS_CUSTOM_AOT_WHITE_LIST"),  # a whitelist without the cache
+])
+def test_a_failing_build_falls_back_with_a_warning(monkeypatch, caplog, tmp_path, fault, message):
+    monkeypatch.setenv("ARCFACE_CACHE_DIR", str(tmp_path))  # nothing built there yet
+    for name, value in fault.items():
+        monkeypatch.setenv(name, value)
+    cpu_ops.library.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="src.models.cpu_ops"):
+            assert cpu_ops.library() is None
+        assert message in caplog.text and "MindSpore's CPU kernels" in caplog.text
+        assert not [name for name in os.listdir(tmp_path) if name.endswith(".so")]
+    finally:
+        cpu_ops.library.cache_clear()

@@ -110,9 +110,6 @@ def _build():
     if white_list and os.path.commonpath([os.path.realpath(built), os.path.realpath(white_list)]) != \
             os.path.realpath(white_list):
         raise RuntimeError(f"MS_CUSTOM_AOT_WHITE_LIST ({white_list}) does not include {folder}")
-    if not _verified(copy, onednn_hash):
-        atomic_write(copy, onednn)
-        atomic_write(copy + ".sha256", onednn_hash)
     with tempfile.TemporaryDirectory() as scratch:
         src, out = os.path.join(scratch, "cpu_ops.cc"), os.path.join(scratch, "cpu_ops.so")
         with open(src, "wb") as fh:
@@ -127,6 +124,9 @@ def _build():
             raise RuntimeError(f"compiling {SOURCE} failed:\n{done.stderr[-2000:]}")
         with open(out, "rb") as fh:
             binary = fh.read()
+    if not _verified(copy, onednn_hash):  # only once the build succeeded: the copy is 58 MB
+        atomic_write(copy, onednn)
+        atomic_write(copy + ".sha256", onednn_hash)
     atomic_write(built, binary)
     atomic_write(built + ".sha256", _sha256(binary))
     stem = os.path.basename(built)[:-len(".so")]
