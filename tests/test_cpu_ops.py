@@ -1,6 +1,6 @@
-"""src.models.cpu_ops: the CPU training convolutions (oneDNN, blocked layouts) against MindSpore's own,
-in values and gradients, alone and in whole training steps with oneDNN's PReLU (alone: test_backbones);
-what they do not cover; the build cache."""
+"""src.models.cpu_ops: the CPU training convolutions (oneDNN, blocked layouts) and BatchNorm against
+MindSpore's own and the formulas, in values and gradients, alone and in whole training steps with
+oneDNN's PReLU (alone: test_backbones); what they do not cover; the build cache."""
 import logging
 import os
 
@@ -106,6 +106,78 @@ def test_inference_and_uncovered_convolutions_keep_mindspore(graph):
     np.testing.assert_array_equal(conv(x).asnumpy(), ops.conv2d(x, conv.weight, pad_mode="pad", padding=1).asnumpy())
 
 
+def _batch_norm_reference(x, gamma, beta, dy, eps):
+    """y, dx, dgamma, dbeta of training-mode batch normalization over (N, H, W), by the formulas."""
+    x, dy = x.astype(np.float64), dy.astype(np.float64)
+    axes, shape = (0, 2, 3), (1, -1, 1, 1)
+    mean, var = x.mean(axes), x.var(axes)
+    xhat = (x - mean.reshape(shape)) / np.sqrt(var + eps).reshape(shape)
+    y = gamma.reshape(shape) * xhat + beta.reshape(shape)
+    dgamma, dbeta = (dy * xhat).sum(axes), dy.sum(axes)
+    dx = (gamma / np.sqrt(var + eps)).reshape(shape) * (
+        dy - dy.mean(axes).reshape(shape) - xhat * (dy * xhat).mean(axes).reshape(shape))
+    return y, dx, dgamma, dbeta, mean, x.var(axes, ddof=1) if x.size > x.shape[1] else np.zeros_like(mean)
+
+
+# (N, C, H, W): a block's, odd sizes, a one-pixel map, a single image, more values than a lane holds
+NORM_CASES = [(4, 8, 5, 7), (2, 16, 9, 9), (3, 4, 1, 1), (1, 5, 3, 3), (2, 3, 19, 21)]
+
+
+@pytest.mark.parametrize("mode", [ms.GRAPH_MODE, ms.PYNATIVE_MODE])
+@pytest.mark.parametrize("case", NORM_CASES)
+def test_batch_norm_equals_mindspore_and_the_formulas(mode, case):
+    """Training-mode BatchNorm2d on the operators: y, dx, dgamma, dbeta and the moving statistics
+    against MindSpore's BatchNorm and against the formulas (float64); inference stays MindSpore's."""
+    ms.set_context(mode=mode)
+    try:
+        n, c, h, w = case
+        rng = np.random.RandomState(n * c + h)
+        x = (rng.normal(size=case) * 3 + 2).astype(np.float32)
+        dy = rng.normal(size=case).astype(np.float32)
+        gamma, beta = rng.uniform(0.5, 1.5, c).astype(np.float32), rng.normal(size=c).astype(np.float32)
+        moving = rng.normal(size=c).astype(np.float32), rng.uniform(0.5, 2, c).astype(np.float32)
+        results = []
+        for cls in (cpu_ops.BatchNorm2d, nn.BatchNorm2d):
+            bn = cls(c, eps=1e-5, momentum=0.9)
+            for param, value in zip((bn.gamma, bn.beta, bn.moving_mean, bn.moving_variance), (gamma, beta) + moving):
+                param.set_data(ms.Tensor(value))
+            bn.set_train(True)
+            bn(ms.Tensor(x))  # one update of the moving statistics (PyNative's gradient runs the forward again)
+            moved = bn.moving_mean.asnumpy().copy(), bn.moving_variance.asnumpy().copy()
+            y, ((dx,), (dgamma, dbeta)) = _Grad(bn)(ms.Tensor(x), ms.Tensor(dy))
+            results.append([t.asnumpy() for t in (y, dx, dgamma, dbeta)] + list(moved))
+            bn.set_train(False)
+            results[-1].append(bn(ms.Tensor(x)).asnumpy())
+        ours, theirs = results
+        assert bn.cls_name == "BatchNorm2d" and cpu_ops.BatchNorm2d(c).use_onednn
+        y, dx, dgamma, dbeta, mean, unbiased = _batch_norm_reference(x, gamma, beta, dy, 1e-5)
+        expected = [y, dx, dgamma, dbeta, 0.9 * moving[0] + 0.1 * mean, 0.9 * moving[1] + 0.1 * unbiased]
+        scale = np.abs(dy).max() * gamma.max() / np.sqrt(x.var((0, 2, 3)).min() + 1e-5)
+        for name, a, b, e, atol in zip(("y", "dx", "dgamma", "dbeta", "moving mean", "moving variance"),
+                                       ours, theirs, expected, (1e-5, 1e-5 * scale, 1e-5, 1e-5, 1e-6, 1e-5)):
+            tol = atol * max(1.0, np.abs(e).max())
+            np.testing.assert_allclose(a, e, rtol=1e-5, atol=tol, err_msg=f"{name}: ours against the formula")
+            np.testing.assert_allclose(b, e, rtol=1e-5, atol=tol, err_msg=f"{name}: MindSpore's against the formula")
+        # inference: the same operator, on moving statistics equal to float32 rounding
+        np.testing.assert_allclose(ours[-1], theirs[-1], rtol=1e-5, atol=1e-5)
+    finally:
+        ms.set_context(mode=ms.PYNATIVE_MODE)
+
+
+def test_batch_norm_operator_rejects_mismatched_tensors(graph):
+    """The operator checks what it is given (shapes, epsilon) instead of reading past a buffer."""
+    bn = cpu_ops._BatchNormOperators(cpu_ops.library())
+    x = ms.Tensor(np.ones((2, 4, 3, 3), np.float32))
+    four, three = ms.Tensor(np.ones(4, np.float32)), ms.Tensor(np.ones(3, np.float32))
+    y, *_ = bn(x, four, four, four, four, ms.Tensor([1e-5, 0.1], ms.float32))
+    np.testing.assert_allclose(y.asnumpy(), 1.0)  # constant x: normalized to 0, plus the shift 1
+    for args in ((x, three, four, four, four, ms.Tensor([1e-5, 0.1], ms.float32)),
+                 (x, four, four, four, four, ms.Tensor([0.0, 0.1], ms.float32)),
+                 (x, four, four, four, four, ms.Tensor([1e-5, 0.1, 0.0], ms.float32))):
+        with pytest.raises(RuntimeError):
+            bn(*args)[0].asnumpy()
+
+
 def _train_losses(initial=None, steps=4):
     """(convolutions on the operators, losses of `steps` SGD steps, the initial weights) of an r18 (width
     8) starting from `initial` when given."""
@@ -125,16 +197,24 @@ def _train_losses(initial=None, steps=4):
     x = ms.Tensor(rng.uniform(-1, 1, (4, 3, 112, 112)).astype(np.float32))
     y = ms.Tensor(rng.randint(0, 20, 4).astype(np.int32))
     used = sum(1 for _, cell in net.cells_and_names() if getattr(cell, "use_onednn", False))
-    return used, [float(step(x, y)[0].asnumpy()) for _ in range(steps)], weights
+    losses, moving = [], None
+    for _ in range(steps):
+        losses.append(float(step(x, y)[0].asnumpy()))
+        # BatchNorm's moving statistics after the first step (later steps' drift, below, reaches them too)
+        moving = moving or {p.name: p.asnumpy().copy() for p in net.get_parameters() if "moving" in p.name}
+    return used, losses, weights, moving
 
 
 def test_training_steps_equal_mindspore_kernels(graph, monkeypatch):
     """Four SGD steps (lr 0.02) of an r18 (width 8) from the same weights with the operators and without
     them (MindSpore's convolutions, the element-wise PReLU): the same falling losses."""
-    used, ours, initial = _train_losses()
+    used, ours, initial, our_moving = _train_losses()
     monkeypatch.setattr(cpu_ops, "library", lambda: None)
-    unused, theirs, _ = _train_losses(initial)
-    assert (used, unused) == (21 + 9, 0)  # convolutions and PReLUs
+    unused, theirs, _, their_moving = _train_losses(initial)
+    assert (used, unused) == (21 + 9 + 30, 0)  # convolutions, PReLUs, BatchNorm2d
+    assert len(our_moving) == 2 * (30 + 1) and our_moving.keys() == their_moving.keys()
+    for name, value in our_moving.items():
+        np.testing.assert_allclose(value, their_moving[name], rtol=1e-5, atol=1e-6, err_msg=name)
     assert ours[-1] < ours[0]
     # The first step agrees to float32 rounding; later ones drift a little (oneDNN's kernels sum in
     # another order than MindSpore's, and four steps on one batch amplify it to ~2e-5). A wrong gradient

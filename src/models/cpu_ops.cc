@@ -5,11 +5,12 @@
 // layouts, which take less time per convolution on the same cores (bench/README.md). The functions
 // at the end are MindSpore "aot" custom operators: a bias-free 2-D convolution with symmetric zero
 // padding (k - 1) / 2 and the stride implied by the shapes (the forward pass, the gradient of the input,
-// the gradient of the weights), and PReLU with one slope per channel (forward, input gradient) in one pass
-// over the tensor where the same arithmetic in MindSpore's element-wise kernels takes several. They
-// take and return plain NCHW / OIHW float32 tensors; the convolutions reorder to and from the blocked
-// layouts inside. Built by src/models/cpu_ops.py against the oneDNN
-// library MindSpore ships, whose CPU runtime is a threadpool: the pool below is ours.
+// the gradient of the weights), PReLU with one slope per channel (forward, input gradient) in one pass
+// over the tensor where the same arithmetic in MindSpore's element-wise kernels takes several, and
+// batch normalization in training (forward with the moving statistics, backward) in loops of our own.
+// They take and return plain NCHW / OIHW float32 tensors; the convolutions reorder to and from the
+// blocked layouts inside. Built by src/models/cpu_ops.py against the oneDNN library MindSpore ships,
+// whose CPU runtime is a threadpool: the pool below is ours, and the batch normalization runs on it too.
 
 #include <oneapi/dnnl/dnnl.h>
 #include <oneapi/dnnl/dnnl_threadpool.h>
@@ -26,6 +27,7 @@
 #include <cstring>
 #include <functional>
 #include <map>
+#include <cmath>
 #include <mutex>
 #include <thread>
 #include <vector>
@@ -164,7 +166,13 @@ int CpuCount() {
     }                                                                            \
   } while (0)
 
-enum Kind { kForward = 0, kBackwardData = 1, kBackwardWeights = 2, kPreluForward = 3, kPreluBackward = 4 };
+enum Kind {
+  kForward = 0,
+  kBackwardData = 1,
+  kBackwardWeights = 2,
+  kPreluForward = 3,
+  kPreluBackward = 4
+};
 
 // One tensor of a primitive: its plain layout, the layout the primitive runs on, and the reorder
 // between them (none when they are the same).
@@ -211,7 +219,7 @@ State *Global() {
   return state;
 }
 
-// Appends to plan->operands the operand `arg` of `pd`, whose plain layout is NCHW / OIHW with `dims`.
+// Appends to plan->operands the operand `arg` of `pd`, whose plain layout is NCHW / OIHW with `dims`
 int MakeOperand(State *s, const_dnnl_primitive_desc_t pd, dnnl_query_t query, const dnnl_dims_t dims, int arg,
                 bool output, Plan *plan) {
   plan->operands.emplace_back();
@@ -448,6 +456,85 @@ int RunPrelu(Kind kind, int nparam, int *ndims, int64_t **shapes, const char **d
                   [&](State *s, Plan *plan) { return BuildPrelu(s, kind, dims, plan); });
 }
 
+// Batch normalization of NCHW x over (N, H, W), one channel per task of the pool. Written here rather
+// than taken from oneDNN: its kernel for plain layouts (MindSpore's BatchNorm runs it too) took about
+// twice as long forward and backward as these loops, which read each tensor the fewest times the
+// arithmetic allows (forward: x three times, y written once; backward: x and dy twice, dx written once).
+// Sums run in float lanes per (n, c) plane and add up in double.
+struct Planes {
+  int64_t n, c, hw;
+  const float *At(const float *base, int64_t i, int64_t channel) const { return base + (i * c + channel) * hw; }
+  float *At(float *base, int64_t i, int64_t channel) const { return base + (i * c + channel) * hw; }
+};
+
+constexpr int kLanes = 16;
+
+// The sums over one channel of f(a[k], b[k]) and g(a[k], b[k]), in one pass (b may be null).
+template <typename F, typename G>
+std::array<double, 2> ChannelSums(const Planes &p, const float *a, const float *b, int64_t channel, F f, G g) {
+  std::array<double, 2> total = {0.0, 0.0};
+  for (int64_t i = 0; i < p.n; ++i) {
+    const float *pa = p.At(a, i, channel), *pb = b ? p.At(b, i, channel) : pa;
+    float first[kLanes] = {0.0f}, second[kLanes] = {0.0f};
+    int64_t k = 0;
+    for (; k + kLanes <= p.hw; k += kLanes) {
+      for (int j = 0; j < kLanes; ++j) {
+        first[j] += f(pa[k + j], pb[k + j]);
+        second[j] += g(pa[k + j], pb[k + j]);
+      }
+    }
+    for (; k < p.hw; ++k) {
+      first[0] += f(pa[k], pb[k]);
+      second[0] += g(pa[k], pb[k]);
+    }
+    for (int j = 0; j < kLanes; ++j) {
+      total[0] += first[j];
+      total[1] += second[j];
+    }
+  }
+  return total;
+}
+
+template <typename F>
+double ChannelSum(const Planes &p, const float *a, int64_t channel, F f) {
+  return ChannelSums(p, a, nullptr, channel, f, [](float, float) { return 0.0f; })[0];
+}
+
+// Runs body(channel) for every channel on the pool, one operator at a time.
+int ForEachChannel(int64_t channels, const std::function<void(int64_t)> &body) {
+  State *s = Global();
+  if (s->engine == nullptr) {
+    std::fprintf(stderr, "cpu_ops: the thread pool could not be set up\n");
+    return 1;
+  }
+  std::lock_guard<std::mutex> lock(s->mutex);
+  s->pool->parallel_for(static_cast<int>(channels), [&](int channel, int) { body(channel); });
+  return 0;
+}
+
+// Checks that tensor i is float32 with x's shape (N, C, H, W) (role 'x'), (C,) (role 'c') or (2,)
+// (role 'p': epsilon and momentum), for the roles in `layout`.
+int NormShapes(int nparam, int *ndims, int64_t **shapes, const char **dtypes, const char *layout) {
+  const int64_t *x = shapes[0];
+  for (int i = 0; i < nparam; ++i) {
+    const char role = layout[i];
+    const bool ok = std::strcmp(dtypes[i], "float32") == 0 &&
+                    (role == 'x'   ? ndims[i] == 4 && std::memcmp(shapes[i], x, 4 * sizeof(int64_t)) == 0
+                     : role == 'c' ? ndims[i] == 1 && shapes[i][0] == x[1]
+                                   : ndims[i] == 1 && shapes[i][0] == 2);
+    if (!ok) {
+      std::fprintf(stderr, "cpu_ops: batch normalization takes float32 x (N, C, H, W), per-channel vectors (C,) "
+                           "and (epsilon, momentum)\n");
+      return 1;
+    }
+  }
+  if (x[0] * x[2] * x[3] < 1 || x[1] > (int64_t{1} << 30)) {
+    std::fprintf(stderr, "cpu_ops: batch normalization of an empty batch or too many channels\n");
+    return 1;
+  }
+  return 0;
+}
+
 int WrongCount(int got, int expected) {
   std::fprintf(stderr, "cpu_ops: %d tensors instead of %d\n", got, expected);
   return 1;
@@ -506,3 +593,77 @@ extern "C" int PreluBackwardData(int nparam, void **params, int *ndims, int64_t 
 // 1 when the private oneDNN opened and its engine and stream exist: src/models/cpu_ops.py asks before
 // MindSpore loads these operators, so a failure falls back to MindSpore's kernels instead of stopping.
 extern "C" int CpuOpsReady() { return Global()->engine != nullptr; }
+
+// Batch normalization in training, with the moving statistics' update: params x (N, C, H, W), scale (C,),
+// shift (C,), moving mean (C,), moving variance (C,), (epsilon, momentum) (2,), then the outputs y, the
+// batch's mean and biased variance (C,) (what the backward pass takes), the new moving mean and variance
+// (C,): moving = (1 - momentum) moving + momentum batch, with the batch's unbiased variance (MindSpore's
+// BatchNorm: momentum is the batch's weight).
+extern "C" int BatchNormForward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *,
+                                void *) {
+  if (nparam != 11) return WrongCount(nparam, 11);
+  if (NormShapes(nparam, ndims, shapes, dtypes, "xccccpxcccc")) return 1;
+  const float epsilon = static_cast<const float *>(params[5])[0], momentum = static_cast<const float *>(params[5])[1];
+  if (!(epsilon > 0.0f) || !(momentum >= 0.0f && momentum <= 1.0f)) {
+    std::fprintf(stderr, "cpu_ops: batch normalization needs epsilon > 0 and momentum in [0, 1]\n");
+    return 1;
+  }
+  const Planes p{shapes[0][0], shapes[0][1], shapes[0][2] * shapes[0][3]};
+  const auto *x = static_cast<const float *>(params[0]), *scale = static_cast<const float *>(params[1]),
+             *shift = static_cast<const float *>(params[2]), *moving_mean = static_cast<const float *>(params[3]),
+             *moving_variance = static_cast<const float *>(params[4]);
+  auto *y = static_cast<float *>(params[6]), *mean = static_cast<float *>(params[7]),
+       *variance = static_cast<float *>(params[8]), *new_mean = static_cast<float *>(params[9]),
+       *new_variance = static_cast<float *>(params[10]);
+  const double count = static_cast<double>(p.n * p.hw);
+  return ForEachChannel(p.c, [&](int64_t c) {
+    const float m = static_cast<float>(ChannelSum(p, x, c, [](float a, float) { return a; }) / count);
+    const double squares = ChannelSum(p, x, c, [m](float a, float) { return (a - m) * (a - m); });
+    const float v = static_cast<float>(squares / count);
+    mean[c] = m;
+    variance[c] = v;
+    new_mean[c] = (1.0f - momentum) * moving_mean[c] + momentum * m;
+    new_variance[c] = (1.0f - momentum) * moving_variance[c] +
+                      momentum * static_cast<float>(count > 1.0 ? squares / (count - 1.0) : 0.0);
+    // y = scale (x - m) / sqrt(v + eps) + shift = a x + b
+    const float a = scale[c] / std::sqrt(v + epsilon), b = shift[c] - a * m;
+    for (int64_t i = 0; i < p.n; ++i) {
+      const float *in = p.At(x, i, c);
+      float *out = p.At(y, i, c);
+      for (int64_t k = 0; k < p.hw; ++k) out[k] = a * in[k] + b;
+    }
+  });
+}
+
+// The gradients of batch normalization in training: params x, scale, mean, variance (the forward's
+// batch statistics), dy, (epsilon, momentum), then the outputs dx, dscale, dshift.
+extern "C" int BatchNormBackward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *,
+                                 void *) {
+  if (nparam != 9) return WrongCount(nparam, 9);
+  if (NormShapes(nparam, ndims, shapes, dtypes, "xcccxpxcc")) return 1;
+  const float epsilon = static_cast<const float *>(params[5])[0];
+  const Planes p{shapes[0][0], shapes[0][1], shapes[0][2] * shapes[0][3]};
+  const auto *x = static_cast<const float *>(params[0]), *scale = static_cast<const float *>(params[1]),
+             *mean = static_cast<const float *>(params[2]), *variance = static_cast<const float *>(params[3]),
+             *dy = static_cast<const float *>(params[4]);
+  auto *dx = static_cast<float *>(params[6]), *dscale = static_cast<float *>(params[7]),
+       *dshift = static_cast<float *>(params[8]);
+  const double count = static_cast<double>(p.n * p.hw);
+  return ForEachChannel(p.c, [&](int64_t c) {
+    const float m = mean[c], inv_std = 1.0f / std::sqrt(variance[c] + epsilon);
+    const auto sums = ChannelSums(
+        p, dy, x, c, [](float g, float) { return g; }, [m](float g, float a) { return g * (a - m); });
+    const double sum_dy = sums[0], sum_dy_centered = sums[1];
+    dshift[c] = static_cast<float>(sum_dy);
+    dscale[c] = static_cast<float>(sum_dy_centered) * inv_std;
+    // dx = scale inv_std (dy - mean(dy) - (x - m) inv_std^2 mean(dy (x - m))) = a dy + b x + k
+    const float a = scale[c] * inv_std;
+    const float b = static_cast<float>(-a * inv_std * inv_std * sum_dy_centered / count);
+    const float k = static_cast<float>(-a * sum_dy / count) - b * m;
+    for (int64_t i = 0; i < p.n; ++i) {
+      const float *g = p.At(dy, i, c), *in = p.At(x, i, c);
+      float *out = p.At(dx, i, c);
+      for (int64_t j = 0; j < p.hw; ++j) out[j] = a * g[j] + b * in[j] + k;
+    }
+  });
+}

@@ -22,7 +22,7 @@ from mindspore.common.initializer import HeNormal, Normal, Zero
 from mindspore.ops.operations import _grad_ops
 
 from src.models import cpu_ops
-from src.models.cpu_ops import Conv2d
+from src.models.cpu_ops import BatchNorm2d, Conv2d
 
 BN_EPS = 1e-5
 # MindSpore's momentum weights the running statistic (PyTorch momentum 0.1 <=> 0.9 here).
@@ -60,7 +60,7 @@ def conv2d(in_channels: int, out_channels: int, kernel_size: int, stride: int = 
 
 
 def batch_norm_2d(num_features: int) -> nn.BatchNorm2d:
-    return nn.BatchNorm2d(num_features, eps=BN_EPS, momentum=BN_MOMENTUM,
+    return BatchNorm2d(num_features, eps=BN_EPS, momentum=BN_MOMENTUM,
                           gamma_init="ones", beta_init="zeros")
 
 
