@@ -496,8 +496,8 @@ std::array<double, 2> ChannelSums(const Planes &p, const float *a, const float *
 }
 
 template <typename F>
-double ChannelSum(const Planes &p, const float *a, int64_t channel, F f) {
-  return ChannelSums(p, a, nullptr, channel, f, [](float, float) { return 0.0f; })[0];
+double ChannelSum(const Planes &p, const float *a, const float *b, int64_t channel, F f) {
+  return ChannelSums(p, a, b, channel, f, [](float, float) { return 0.0f; })[0];
 }
 
 // Runs body(channel) for every channel on the pool, one operator at a time.
@@ -514,7 +514,7 @@ int ForEachChannel(int64_t channels, const std::function<void(int64_t)> &body) {
 
 // Checks that tensor i is float32 with x's shape (N, C, H, W) (role 'x'), (C,) (role 'c') or (2,)
 // (role 'p': epsilon and momentum), for the roles in `layout`.
-int NormShapes(int nparam, int *ndims, int64_t **shapes, const char **dtypes, const char *layout) {
+int CheckShapes(int nparam, int *ndims, int64_t **shapes, const char **dtypes, const char *layout) {
   const int64_t *x = shapes[0];
   for (int i = 0; i < nparam; ++i) {
     const char role = layout[i];
@@ -523,13 +523,13 @@ int NormShapes(int nparam, int *ndims, int64_t **shapes, const char **dtypes, co
                      : role == 'c' ? ndims[i] == 1 && shapes[i][0] == x[1]
                                    : ndims[i] == 1 && shapes[i][0] == 2);
     if (!ok) {
-      std::fprintf(stderr, "cpu_ops: batch normalization takes float32 x (N, C, H, W), per-channel vectors (C,) "
-                           "and (epsilon, momentum)\n");
+      std::fprintf(stderr, "cpu_ops: tensor %d is not a float32 (N, C, H, W) like x, a per-channel vector (C,) or "
+                           "(epsilon, momentum)\n", i);
       return 1;
     }
   }
   if (x[0] * x[2] * x[3] < 1 || x[1] > (int64_t{1} << 30)) {
-    std::fprintf(stderr, "cpu_ops: batch normalization of an empty batch or too many channels\n");
+    std::fprintf(stderr, "cpu_ops: an empty batch or too many channels\n");
     return 1;
   }
   return 0;
@@ -584,6 +584,21 @@ extern "C" int PreluForward(int nparam, void **params, int *ndims, int64_t **sha
   return RunPrelu(kPreluForward, nparam, ndims, shapes, dtypes, {params[0], params[1], params[2]});
 }
 
+// dw of PReLU(x, w): params x (N, C, H, W), dy, dw (C,): the sum over batch and space of dy x where x <= 0,
+// one pass over x and dy (the element-wise form took three and two temporaries of x's size). The
+// select is written so that it compiles without a branch (on random signs a branch mispredicts often).
+extern "C" int PreluWeightGradient(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                                   void *, void *) {
+  if (nparam != 3) return WrongCount(nparam, 3);
+  if (CheckShapes(nparam, ndims, shapes, dtypes, "xxc")) return 1;
+  const Planes p{shapes[0][0], shapes[0][1], shapes[0][2] * shapes[0][3]};
+  const auto *x = static_cast<const float *>(params[0]), *dy = static_cast<const float *>(params[1]);
+  auto *dw = static_cast<float *>(params[2]);
+  return ForEachChannel(p.c, [&](int64_t c) {
+    dw[c] = static_cast<float>(ChannelSum(p, x, dy, c, [](float a, float g) { return (a < 0.0f ? a : 0.0f) * g; }));
+  });
+}
+
 // dx of PReLU(x, w): params x, w, dy, dx.
 extern "C" int PreluBackwardData(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *,
                                  void *) {
@@ -602,7 +617,7 @@ extern "C" int CpuOpsReady() { return Global()->engine != nullptr; }
 extern "C" int BatchNormForward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *,
                                 void *) {
   if (nparam != 11) return WrongCount(nparam, 11);
-  if (NormShapes(nparam, ndims, shapes, dtypes, "xccccpxcccc")) return 1;
+  if (CheckShapes(nparam, ndims, shapes, dtypes, "xccccpxcccc")) return 1;
   const float epsilon = static_cast<const float *>(params[5])[0], momentum = static_cast<const float *>(params[5])[1];
   if (!(epsilon > 0.0f) || !(momentum >= 0.0f && momentum <= 1.0f)) {
     std::fprintf(stderr, "cpu_ops: batch normalization needs epsilon > 0 and momentum in [0, 1]\n");
@@ -617,8 +632,8 @@ extern "C" int BatchNormForward(int nparam, void **params, int *ndims, int64_t *
        *new_variance = static_cast<float *>(params[10]);
   const double count = static_cast<double>(p.n * p.hw);
   return ForEachChannel(p.c, [&](int64_t c) {
-    const float m = static_cast<float>(ChannelSum(p, x, c, [](float a, float) { return a; }) / count);
-    const double squares = ChannelSum(p, x, c, [m](float a, float) { return (a - m) * (a - m); });
+    const float m = static_cast<float>(ChannelSum(p, x, nullptr, c, [](float a, float) { return a; }) / count);
+    const double squares = ChannelSum(p, x, nullptr, c, [m](float a, float) { return (a - m) * (a - m); });
     const float v = static_cast<float>(squares / count);
     mean[c] = m;
     variance[c] = v;
@@ -640,7 +655,7 @@ extern "C" int BatchNormForward(int nparam, void **params, int *ndims, int64_t *
 extern "C" int BatchNormBackward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *,
                                  void *) {
   if (nparam != 9) return WrongCount(nparam, 9);
-  if (NormShapes(nparam, ndims, shapes, dtypes, "xcccxpxcc")) return 1;
+  if (CheckShapes(nparam, ndims, shapes, dtypes, "xcccxpxcc")) return 1;
   const float epsilon = static_cast<const float *>(params[5])[0];
   const Planes p{shapes[0][0], shapes[0][1], shapes[0][2] * shapes[0][3]};
   const auto *x = static_cast<const float *>(params[0]), *scale = static_cast<const float *>(params[1]),

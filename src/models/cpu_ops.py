@@ -67,6 +67,12 @@ def _onednn_headers():
     return None
 
 
+_FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-DONEDNN_ISA=dnnl_cpu_isa_default",
+          # MindSpore closes a kernel's library with its graph; the pool's threads and the oneDNN state
+          # must outlive that
+          "-Wl,-z,nodelete"]
+
+
 def _sha256(data):
     return hashlib.sha256(data).hexdigest()
 
@@ -102,7 +108,7 @@ def _build():
     with open(dnnl, "rb") as fh:
         onednn = fh.read()  # read once: its hash names the build and proves the copy
     onednn_hash = _sha256(onednn)
-    identity = b"\0".join([source, version, onednn_hash.encode(), compiler.encode()])
+    identity = b"\0".join([source, version, onednn_hash.encode(), compiler.encode(), " ".join(_FLAGS).encode()])
     folder = cache_folder()
     built = os.path.join(folder, f"cpu_ops-{_sha256(identity)[:24]}.so")
     # A private copy of MindSpore's oneDNN: opened by the operators as a second instance of the library.
@@ -117,11 +123,7 @@ def _build():
         src, out = os.path.join(scratch, "cpu_ops.cc"), os.path.join(scratch, "cpu_ops.so")
         with open(src, "wb") as fh:
             fh.write(source)
-        done = subprocess.run([compiler, "-O3", "-std=c++17", "-shared", "-fPIC", "-I", headers,
-                               f'-DONEDNN_COPY="{copy}"', "-DONEDNN_ISA=dnnl_cpu_isa_default", src, "-o", out, "-ldl",
-                               # MindSpore closes a kernel's library with its graph; the pool's threads and
-                               # the oneDNN state must outlive that
-                               "-Wl,-z,nodelete"],
+        done = subprocess.run([compiler, *_FLAGS, "-I", headers, f'-DONEDNN_COPY="{copy}"', src, "-o", out, "-ldl"],
                               capture_output=True, text=True, timeout=600)
         if done.returncode != 0:
             raise RuntimeError(f"compiling {SOURCE} failed:\n{done.stderr[-2000:]}")
@@ -257,10 +259,13 @@ class BatchNorm2d(nn.BatchNorm2d):
 
 
 def prelu_operators(path):
-    """oneDNN's PReLU as the operators (x, w) -> y and (x, w, dy) -> dx, for x (N, C, H, W) float32 and
-    w (C,): y = x where x > 0 else w x; dx = dy where x > 0 else w dy (src/models/iresnet.py)."""
+    """PReLU as the operators (x, w) -> y, (x, w, dy) -> dx (oneDNN's) and (x, dy) -> dw (ours), for x
+    (N, C, H, W) float32 and w (C,): y = x where x > 0 else w x; dx = dy where x > 0 else w dy; dw the
+    sum over batch and space of dy x where x <= 0 (src/models/iresnet.py)."""
     forward = ops.Custom(f"{path}:PreluForward", out_shape=lambda x, w: x, out_dtype=lambda x, w: x,
                          func_type="aot")
     input_gradient = ops.Custom(f"{path}:PreluBackwardData", out_shape=lambda x, w, dy: x,
                                 out_dtype=lambda x, w, dy: x, func_type="aot")
-    return forward, input_gradient
+    weight_gradient = ops.Custom(f"{path}:PreluWeightGradient", out_shape=lambda x, dy: [x[1]],
+                                 out_dtype=lambda x, dy: x, func_type="aot")
+    return forward, input_gradient, weight_gradient
