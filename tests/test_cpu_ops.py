@@ -171,6 +171,11 @@ def test_batch_norm_operator_rejects_mismatched_tensors(graph):
     four, three = ms.Tensor(np.ones(4, np.float32)), ms.Tensor(np.ones(3, np.float32))
     y, *_ = bn(x, four, four, four, four, ms.Tensor([1e-5, 0.1], ms.float32))
     np.testing.assert_allclose(y.asnumpy(), 1.0)  # constant x: normalized to 0, plus the shift 1
+    # one value per channel: its unbiased variance counts as 0 (MindSpore's BatchNorm gives NaN)
+    *_, new_mean, new_variance = bn(ms.Tensor(np.full((1, 4, 1, 1), 3.0, np.float32)), four, four, four, four,
+                                    ms.Tensor([1e-5, 0.1], ms.float32))
+    np.testing.assert_allclose(new_mean.asnumpy(), 0.9 + 0.3)
+    np.testing.assert_allclose(new_variance.asnumpy(), 0.9)
     for args in ((x, three, four, four, four, ms.Tensor([1e-5, 0.1], ms.float32)),
                  (x, four, four, four, four, ms.Tensor([0.0, 0.1], ms.float32)),
                  (x, four, four, four, four, ms.Tensor([1e-5, 0.1, 0.0], ms.float32))):

@@ -613,7 +613,8 @@ extern "C" int CpuOpsReady() { return Global()->engine != nullptr; }
 // shift (C,), moving mean (C,), moving variance (C,), (epsilon, momentum) (2,), then the outputs y, the
 // batch's mean and biased variance (C,) (what the backward pass takes), the new moving mean and variance
 // (C,): moving = (1 - momentum) moving + momentum batch, with the batch's unbiased variance (MindSpore's
-// BatchNorm: momentum is the batch's weight).
+// BatchNorm: momentum is the batch's weight). One value per channel counts as unbiased variance 0, where
+// MindSpore's BatchNorm makes the moving variance NaN.
 extern "C" int BatchNormForward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *,
                                 void *) {
   if (nparam != 11) return WrongCount(nparam, 11);

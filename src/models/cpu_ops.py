@@ -9,9 +9,10 @@ stays at AVX2 (src/runtime.py: above it, its plain-layout convolutions fall back
 code). `Conv2d` is
 nn.Conv2d (the same parameter, so checkpoints, imports and exports are unchanged) whose training
 graph on the CPU runs cpu_ops.cc's forward, input-gradient and weight-gradient operators instead.
-`prelu_operators` give the backbones' training PReLU on the CPU its forward pass and input gradient
-(src/models/iresnet.py): oneDNN's PReLU reads and writes each tensor once, where the same arithmetic
-from MindSpore's element-wise kernels takes several passes over tensors of the activation's size.
+`prelu_operators` give the backbones' training PReLU on the CPU its forward pass, input gradient and
+slope gradient (src/models/iresnet.py): oneDNN's PReLU and a reduction of ours read and write each
+tensor once, where the same arithmetic from MindSpore's element-wise kernels takes several passes
+over tensors of the activation's size.
 `BatchNorm2d` is nn.BatchNorm2d whose training graph on the CPU runs cpu_ops.cc's batch normalization:
 loops that read each tensor the fewest times the arithmetic allows, on the operators' threads, where
 oneDNN's kernel for plain layouts (MindSpore's BatchNorm) took about twice as long forward and backward.
@@ -227,8 +228,7 @@ class _BatchNormOperators(nn.Cell):
                                    out_dtype=lambda x, c, *rest: (x, c, c), func_type="aot")
 
     def construct(self, x, scale, shift, moving_mean, moving_variance, hyper):
-        y, mean, variance, new_mean, new_variance = self.forward(x, scale, shift, moving_mean, moving_variance, hyper)
-        return y, mean, variance, new_mean, new_variance
+        return self.forward(x, scale, shift, moving_mean, moving_variance, hyper)
 
     def bprop(self, x, scale, shift, moving_mean, moving_variance, hyper, out, dout):
         dx, dscale, dshift = self.backward(x, scale, out[1], out[2], dout[0], hyper)

@@ -60,8 +60,7 @@ def conv2d(in_channels: int, out_channels: int, kernel_size: int, stride: int = 
 
 
 def batch_norm_2d(num_features: int) -> nn.BatchNorm2d:
-    return BatchNorm2d(num_features, eps=BN_EPS, momentum=BN_MOMENTUM,
-                          gamma_init="ones", beta_init="zeros")
+    return BatchNorm2d(num_features, eps=BN_EPS, momentum=BN_MOMENTUM, gamma_init="ones", beta_init="zeros")
 
 
 def batch_norm_1d(num_features: int) -> nn.BatchNorm1d:
@@ -130,7 +129,7 @@ class PReLU(nn.PReLU):
     and a depthwise 1x1 convolution (`_ChannelSlopes`): forward + backward take about half the time
     of PReLU + PReLUGrad, and the r50 step's peak memory is the PReLU operator's (bench/README.md).
     In float32, with the operators of src/models/cpu_ops.py, the forward pass and dx are oneDNN's
-    PReLU, one pass over the tensor each (`_OneDNNSlopes`).
+    PReLU and dw a reduction of ours, one pass over the tensors each (`_OneDNNSlopes`).
     Inference (and so every export) keeps the PReLU operator, and so do other devices (the device
     chosen when the cell is built), whose kernels are not these.
     """
